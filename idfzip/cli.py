@@ -1,0 +1,269 @@
+"""Command line: the only place click and tqdm appear. Parses, calls the library, reports one line per error."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+from PIL import Image
+
+from . import codec, zoo
+from .container import REST_METHODS
+from .errors import IdfzipError
+from .imagefile import open_image
+
+PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
+LOSSLESS_SUFFIXES = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".webp": "WEBP",
+                     ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM"}
+
+
+class Failure(Exception):
+    """One input failed; the message is printed as ``Error: ...`` and the next input goes on."""
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="px", unit_scale=True, leave=False,
+                disable=not sys.stderr.isatty(), file=sys.stderr)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the target folder, then rename: no partial output, ever."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _targets(inputs: tuple[str, ...], output: str | None, out_dir: str | None, suffix) -> list[tuple[Path, Path]]:
+    if output and len(inputs) != 1:
+        raise click.UsageError("-o/--output needs exactly one input; use --out-dir for several")
+    if output and out_dir:
+        raise click.UsageError("give -o/--output or --out-dir, not both")
+    pairs = []
+    for i in inputs:
+        src = Path(i)
+        if output:
+            dst = Path(output)
+        else:
+            dst = (Path(out_dir) if out_dir else src.parent) / (src.stem + suffix(src))
+        pairs.append((src, dst))
+    return pairs
+
+
+def _save_image(im: Image.Image, path: Path) -> None:
+    fmt = LOSSLESS_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise Failure(f"{path}: unsupported output format {path.suffix!r} (lossless formats: "
+                      f"{', '.join(sorted(LOSSLESS_SUFFIXES))})")
+    params = {"format": fmt}
+    if fmt == "WEBP":
+        params.update(lossless=True, quality=100, exact=True)
+    for key in ("icc_profile", "exif", "transparency"):
+        if key in im.info and fmt in ("PNG", "TIFF", "WEBP"):
+            params[key] = im.info[key]
+    buf = io.BytesIO()
+    try:
+        im.save(buf, **params)
+        with Image.open(io.BytesIO(buf.getvalue())) as back:
+            back.load()
+            ok = back.mode == im.mode and back.size == im.size and back.tobytes() == im.tobytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise Failure(f"{path}: a {fmt} file cannot hold this {im.mode} image exactly; use .png or .tif")
+    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _check_target(dst: Path, force: bool, src: Path) -> None:
+    if dst.resolve() == src.resolve():
+        raise Failure(f"{dst}: output would overwrite the input")
+    if dst.exists() and not force:
+        raise Failure(f"{dst}: already exists (use --force to overwrite)")
+
+
+def _run_each(pairs, fn) -> None:
+    failed = 0
+    for src, dst in pairs:
+        try:
+            fn(src, dst)
+        except (Failure, IdfzipError) as e:
+            click.echo(f"Error: {e}", err=True)
+            failed += 1
+        except OSError as e:
+            click.echo(f"Error: {src}: {e.strerror or e}", err=True)
+            failed += 1
+    if failed:
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="idfzip")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores).")
+@click.option("--model", "model", default=None, metavar="NAME_OR_PATH",
+              help=f"Model name or .safetensors path (default: {zoo.DEFAULT_MODEL}; decompress: the file's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the networks run. Files are identical either way.")
+@click.pass_context
+def cli(ctx, threads, model, device):
+    """idfzip: lossless image compression with integer discrete flows."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    ctx.obj = {"model": model, "device": device}
+
+
+def _model(ctx):
+    return zoo.with_device(zoo.load(ctx.obj["model"]), ctx.obj["device"])
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input only).")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--tile", type=click.IntRange(1, 1 << 14), default=codec.DEFAULT_TILE, show_default=True,
+              help="Tile side in pixels (a multiple of the model's 2**levels).")
+@click.option("-v", "--verbose", is_flag=True, help="Print size, bits per sub-pixel, model NLL and time.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.pass_context
+def compress(ctx, inputs, output, out_dir, force, tile, verbose, quiet):
+    """Compress images to .idfz (INPUT.png -> INPUT.idfz)."""
+    state = {"model": None}
+
+    def one(src: Path, dst: Path) -> None:
+        _check_target(dst, force, src)
+        im = open_image(src)
+        if im.mode in ("RGB", "RGBA") and state["model"] is None:
+            state["model"] = _model(ctx)
+        t0 = time.perf_counter()
+        with _progress(im.width * im.height, src.name) as bar:
+            data, st = codec.compress_with_stats(im, state["model"], tile=tile, device=ctx.obj["device"],
+                                                 progress=bar.update)
+        dt = time.perf_counter() - t0
+        _atomic_write(dst, lambda f: f.write(data))
+        if quiet:
+            return
+        line = f"{src} -> {dst}: {im.width}x{im.height} {im.mode}, {st.bytes} bytes, {st.bpd:.3f} bpd"
+        if verbose:
+            line += f", {st.method}"
+            if st.flow_bytes:
+                line += f", model NLL {st.nll_bits / st.subpixels:.3f} bpd"
+            line += f", {dt:.2f} s"
+        click.echo(line, err=True)
+
+    _run_each(_targets(inputs, output, out_dir, lambda s: ".idfz"), one)
+
+
+def _default_suffix(src: Path) -> str:
+    try:
+        mode = codec.inspect(src.read_bytes())["mode"]
+    except (IdfzipError, OSError):
+        return ".png"
+    return ".png" if mode in PNG_MODES else ".tif"
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output image (one input only); format from the suffix: .png .tif .bmp .webp .ppm.")
+@click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("-v", "--verbose", is_flag=True, help="Print what was decoded and the time taken.")
+@click.pass_context
+def decompress(ctx, inputs, output, out_dir, force, verbose):
+    """Decompress .idfz files back to the identical image (INPUT.idfz -> INPUT.png)."""
+
+    def one(src: Path, dst: Path) -> None:
+        _check_target(dst, force, src)
+        data = src.read_bytes()
+        info = codec.inspect(data)
+        model = None
+        if info["model"] is not None:
+            m = zoo.load(ctx.obj["model"]) if ctx.obj["model"] else zoo.load_shipped(info["model"])
+            model = zoo.with_device(m, ctx.obj["device"])
+        t0 = time.perf_counter()
+        with _progress(info["width"] * info["height"], src.name) as bar:
+            im = codec.decompress(data, model, device=ctx.obj["device"], progress=bar.update)
+        dt = time.perf_counter() - t0
+        _save_image(im, dst)
+        if verbose:
+            click.echo(f"{src} -> {dst}: {im.width}x{im.height} {im.mode}, {dt:.2f} s", err=True)
+
+    _run_each(_targets(inputs, output, out_dir, _default_suffix), one)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def info(inputs):
+    """Show what an .idfz file holds: size, mode, model, tiles, bytes, bits per sub-pixel."""
+
+    def one(src: Path, _dst) -> None:
+        d = codec.inspect(src.read_bytes())
+        rest = d["rest"]
+        lines = [
+            f"file:        {src}",
+            f"image:       {d['width']}x{d['height']} {d['mode']}",
+            f"size:        {d['bytes']} bytes, {d['bpd']:.4f} bits per sub-pixel",
+            f"model:       {d['model']} (sha256 {d['model_sha256_prefix']}...)" if d["model"] else "model:       none",
+        ]
+        if d["tiles"]:
+            lines.append(f"tiles:       {d['tiles']} of {d['tile']}x{d['tile']}, {d['flow_bytes']} bytes")
+        if rest:
+            lines.append(f"other data:  {rest['bytes']} bytes ({REST_METHODS[rest['method']]})")
+        if d["meta_bytes"]:
+            lines.append(f"metadata:    {d['meta_bytes']} bytes (palette, transparency, ICC, EXIF)")
+        lines.append(f"crc32:       {d['crc32']}")
+        click.echo("\n".join(lines))
+
+    _run_each([(Path(i), None) for i in inputs], one)
+
+
+@cli.command("models")
+def models_cmd():
+    """List the shipped models."""
+    for name in zoo.available():
+        m = zoo.load(name)
+        click.echo(f"{name}\t{m.sha256.hex()[:16]}\t{m.flow.num_parameters()} parameters\t{m.path}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except IdfzipError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # never a traceback for the user; IDFZIP_DEBUG=1 shows it
+        if os.environ.get("IDFZIP_DEBUG"):
+            raise
+        click.echo(f"Error: internal error: {type(e).__name__}: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

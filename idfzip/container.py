@@ -1,0 +1,176 @@
+"""The .idfz byte layout (docs/FORMAT.md is its specification): one dataclass, to_bytes / from_bytes.
+
+Parsing checks every length against the bytes present and every dimension against fixed limits before
+anything is allocated, so truncated, corrupted or hostile files fail with :class:`CorruptFileError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from .errors import CorruptFileError, UnsupportedVersionError
+
+MAGIC = b"IDZ"
+VERSION = 1
+MAX_SIDE = 1 << 20
+MAX_PIXELS = 1 << 28
+MAX_TILE = 1 << 14
+MODEL_HASH_BYTES = 4
+
+FLAG_FLOW, FLAG_REST, FLAG_META = 1, 2, 4
+
+# Mode codes: never renumber, only append (a code is the byte written in every existing file).
+MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I", "F", "CMYK", "YCbCr", "LAB", "HSV", "RGBX",
+         "I;16B", "I;16L", "I;16N", "La", "RGBa")
+MODE_OTHER = 255
+
+# Codings of the rest part (anything not coded by the flow).
+REST_CONSTANT, REST_PNG, REST_LZMA = 0, 1, 2
+REST_METHODS = {REST_CONSTANT: "constant", REST_PNG: "png", REST_LZMA: "lzma"}
+
+
+def write_varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError("varint must be non-negative")
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class Reader:
+    """Bounds-checked reading of a byte string; every failure is a CorruptFileError."""
+
+    def __init__(self, data: bytes, what: str = "file"):
+        self.data, self.pos, self.what = data, 0, what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CorruptFileError(f"{self.what} is truncated")
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self, max_bytes: int = 5) -> int:
+        n = shift = 0
+        for _ in range(max_bytes):
+            b = self.u8()
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return n
+        raise CorruptFileError(f"{self.what} has an invalid length field")
+
+    def blob(self) -> bytes:
+        return self.take(self.varint())
+
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+
+@dataclass
+class Container:
+    mode: str
+    width: int
+    height: int
+    crc32: int = 0
+    model_name: str | None = None
+    model_hash: bytes | None = None  # first MODEL_HASH_BYTES of the model file's sha256
+    tile: int = 0  # tile side in pixels (flow part)
+    tiles: list[bytes] = field(default_factory=list)  # one entropy-coded stream per tile, row-major
+    rest_method: int | None = None
+    rest: bytes | None = None
+    meta: bytes | None = None
+
+    @property
+    def tiles_x(self) -> int:
+        return -(-self.width // self.tile) if self.tile else 0
+
+    @property
+    def tiles_y(self) -> int:
+        return -(-self.height // self.tile) if self.tile else 0
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(MAGIC)
+        out.append(VERSION)
+        if self.mode in MODES:
+            out.append(MODES.index(self.mode))
+        else:
+            m = self.mode.encode("ascii")
+            out += bytes([MODE_OTHER, len(m)]) + m
+        out += write_varint(self.width) + write_varint(self.height)
+        flags = (FLAG_FLOW if self.tiles else 0) | (FLAG_REST if self.rest is not None else 0) | (
+            FLAG_META if self.meta else 0)
+        out.append(flags)
+        if self.tiles:
+            name = self.model_name.encode("utf-8")
+            if len(self.tiles) != self.tiles_x * self.tiles_y:
+                raise ValueError("tile count does not match the tiling")
+            out += bytes([len(name)]) + name + self.model_hash[:MODEL_HASH_BYTES] + write_varint(self.tile)
+            for t in self.tiles:
+                out += write_varint(len(t)) + t
+        if self.rest is not None:
+            out.append(self.rest_method)
+            out += write_varint(len(self.rest)) + self.rest
+        if self.meta:
+            out += write_varint(len(self.meta)) + self.meta
+        out += struct.pack("<I", self.crc32)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Container":
+        r = Reader(data)
+        if len(data) < 4 or data[:3] != MAGIC:
+            raise CorruptFileError("not an .idfz file (bad magic bytes)")
+        r.take(3)
+        version = r.u8()
+        if version != VERSION:
+            raise UnsupportedVersionError(f"unsupported .idfz format version {version} (this build reads {VERSION})")
+        code = r.u8()
+        if code == MODE_OTHER:
+            try:
+                mode = r.take(r.u8()).decode("ascii")
+            except UnicodeDecodeError:
+                raise CorruptFileError("invalid image mode") from None
+        elif code < len(MODES):
+            mode = MODES[code]
+        else:
+            raise CorruptFileError(f"invalid image mode code {code}")
+        width, height = r.varint(), r.varint()
+        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE) or width * height > MAX_PIXELS:
+            raise CorruptFileError(f"image dimensions {width}x{height} are out of range")
+        c = cls(mode, width, height)
+        flags = r.u8()
+        if flags & ~(FLAG_FLOW | FLAG_REST | FLAG_META) or not flags & (FLAG_FLOW | FLAG_REST):
+            raise CorruptFileError("invalid flags")
+        if flags & FLAG_FLOW:
+            try:
+                c.model_name = r.take(r.u8()).decode("utf-8")
+            except UnicodeDecodeError:
+                raise CorruptFileError("invalid model name") from None
+            c.model_hash = r.take(MODEL_HASH_BYTES)
+            c.tile = r.varint()
+            if not 1 <= c.tile <= MAX_TILE:
+                raise CorruptFileError(f"invalid tile size {c.tile}")
+            n = c.tiles_x * c.tiles_y
+            if n > r.remaining():  # each tile needs at least its length byte
+                raise CorruptFileError("file is truncated")
+            c.tiles = [r.blob() for _ in range(n)]
+        if flags & FLAG_REST:
+            c.rest_method = r.u8()
+            if c.rest_method not in REST_METHODS:
+                raise CorruptFileError(f"invalid coding method {c.rest_method}")
+            c.rest = r.blob()
+        if flags & FLAG_META:
+            c.meta = r.blob()
+        (c.crc32,) = struct.unpack("<I", r.take(4))
+        if r.remaining():
+            raise CorruptFileError(f"{r.remaining()} unexpected bytes after the end of the data")
+        return c

@@ -1,0 +1,172 @@
+"""The hierarchical integer discrete flow (Hoogeboom et al. 2019) with its priors.
+
+Structure, for a (B, C, H, W) integer image with H and W multiples of 2**levels:
+
+    [colour coupling]                       optional, initialised to JPEG 2000's reversible colour transform
+    for each level l = 0 .. levels-1:
+        squeeze                             (C, h, w) -> (4C, h/2, w/2), slots [x00 | x01 | x10 | x11]
+        steps x (permutation, coupling)     bipartite (IDF) or 4-partition (Tomczak 2020)
+        factor-out                          the first 3C channels z_l leave the flow, the last C are kept
+    top                                     the C kept channels of the last level
+
+Prior: z_l is coded in three slots of C channels, slot j conditioned on the kept channels and slots < j
+(a ConvNet per slot and level, no per-position parameters); the top is coded with one learned mixture per
+channel. With ``init="lifting"`` each level's 4-partition coupling starts as a 2D 5/3 integer wavelet step
+and the slots are (HH, HL, LH) detail bands with LL kept, so training starts from classical compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..priors import nll_bits
+from .layers import Coupling, Permute, bipartite_updates, init_lifting, init_rct, quad_updates, squeeze, unsqueeze
+from .nets import ConvNet
+
+
+@dataclass(frozen=True)
+class IDFConfig:
+    """Everything that defines a model's architecture. Stored as JSON inside the weights file."""
+
+    levels: int = 5
+    channels: int = 3
+    coupling: str = "quad"  # "quad" (4-partition, Tomczak 2020) or "bipartite" (IDF)
+    steps: int = 1  # flow steps (permutation + coupling) per level
+    coupling_hidden: int = 0  # 0: each coupling translation is a single linear kernel x kernel filter
+    coupling_layers: int = 2
+    coupling_kernel: int = 3
+    init: str = "lifting"  # "lifting" (5/3 wavelet, quad only) or "identity" (zero translations)
+    color: str = "rct"  # "rct" or "none"
+    prior_hidden: int = 48
+    prior_layers: int = 2
+    mixtures: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.coupling not in ("quad", "bipartite"):
+            raise ValueError(f"unknown coupling {self.coupling!r}")
+        if self.init not in ("lifting", "identity"):
+            raise ValueError(f"unknown init {self.init!r}")
+        if self.init == "lifting" and self.coupling != "quad":
+            raise ValueError("lifting initialisation needs the 4-partition coupling")
+        if self.color not in ("rct", "none"):
+            raise ValueError(f"unknown color {self.color!r}")
+        if self.color == "rct" and self.channels != 3:
+            raise ValueError("the colour transform needs 3 channels")
+        if not (1 <= self.levels <= 8 and self.steps >= 1 and self.mixtures >= 1):
+            raise ValueError("levels must be 1..8, steps and mixtures at least 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IDFConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class HierarchicalIDF(nn.Module):
+    def __init__(self, config: IDFConfig):
+        super().__init__()
+        self.config = cfg = config
+        C, K = cfg.channels, cfg.mixtures
+        rng = random.Random(cfg.seed)
+        self.color = None
+        if cfg.color == "rct":
+            self.color = Coupling(C, [([0, 2], [1]), ([1], [0, 2])], hidden=0, layers=0, kernel=1)
+            init_rct(self.color)
+        self.perms = nn.ModuleList()
+        self.couplings = nn.ModuleList()
+        for _ in range(cfg.levels):
+            perms, coups = nn.ModuleList(), nn.ModuleList()
+            for s in range(cfg.steps):
+                if cfg.coupling == "quad":
+                    # slot order (x11, x01, x10, x00) first, so the kept last slot is the low-pass x00
+                    order = [3, 1, 2, 0] if s == 0 else [0, 1, 2, 3]
+                    perm = sum((list(range(b * C, (b + 1) * C)) for b in order), [])
+                    updates = quad_updates(C)
+                else:
+                    perm = list(range(4 * C))
+                    rng.shuffle(perm)
+                    updates = bipartite_updates(4 * C)
+                coup = Coupling(4 * C, updates, cfg.coupling_hidden, cfg.coupling_layers, cfg.coupling_kernel)
+                if cfg.init == "lifting" and s == 0:
+                    init_lifting(coup, C)
+                perms.append(Permute(perm))
+                coups.append(coup)
+            self.perms.append(perms)
+            self.couplings.append(coups)
+        self.priors = nn.ModuleList(
+            nn.ModuleList(ConvNet((1 + j) * C, 3 * K * C, cfg.prior_hidden, cfg.prior_layers, 3, zero_out=False)
+                          for j in range(3))
+            for _ in range(cfg.levels))
+        top = torch.zeros(C, 3, K)
+        top[:, 1] = torch.linspace(-64, 64, K) if K > 1 else 0.0
+        top[:, 2] = 4.0
+        self.top = nn.Parameter(top.reshape(C * 3 * K))
+
+    @property
+    def multiple(self) -> int:
+        """Tile sides must be multiples of this."""
+        return 1 << self.config.levels
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ training (float32)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Total ideal code length in bits of integer-valued images x (B, C, H, W), differentiable."""
+        C, K = self.config.channels, self.config.mixtures
+        if self.color is not None:
+            x = self.color(x)
+        bits = x.new_zeros(())
+        for level in range(self.config.levels):
+            x = squeeze(x)
+            for perm, coup in zip(self.perms[level], self.couplings[level]):
+                x = coup(perm(x))
+            kept, z = x[:, 3 * C:], x[:, :3 * C]
+            ctx = kept
+            for j in range(3):
+                zj = z[:, j * C:(j + 1) * C]
+                bits = bits + nll_bits(zj, self.priors[level][j](ctx), K)
+                ctx = torch.cat([ctx, zj], 1)
+            x = kept
+        bits = bits + nll_bits(x, self.top_raw(x.shape), K)
+        return bits
+
+    # ------------------------------------------------------------------ coding (int64, exact)
+    def top_raw(self, shape) -> torch.Tensor:
+        B, C, h, w = shape
+        return self.top.view(1, -1, 1, 1).expand(B, -1, h, w)
+
+    def color_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.color.encode(x) if self.color is not None else x
+
+    def color_decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.color.decode(x) if self.color is not None else x
+
+    def level_encode(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, h, w) int64 -> kept (B, C, h/2, w/2), z (B, 3C, h/2, w/2)."""
+        C = self.config.channels
+        x = squeeze(x)
+        for perm, coup in zip(self.perms[level], self.couplings[level]):
+            x = coup.encode(perm.encode(x))
+        return x[:, 3 * C:], x[:, :3 * C]
+
+    def level_decode(self, level: int, kept: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([z, kept], 1)
+        for perm, coup in reversed(list(zip(self.perms[level], self.couplings[level]))):
+            y = perm.decode(coup.decode(y))
+        return unsqueeze(y)
+
+    def prior_raw(self, level: int, slot: int, ctx: torch.Tensor) -> torch.Tensor:
+        """Exact mixture parameters of slot ``slot`` of z_level given ctx = [kept, slots < slot]."""
+        return self.priors[level][slot].exact(ctx)

@@ -1,0 +1,157 @@
+"""Small convolutional networks with two evaluation modes.
+
+``forward``  float32, differentiable: used for training only.
+``exact``    float64 fixed point: used whenever bits are coded. This is the one interface through which
+             network arithmetic reaches the coder.
+
+Why ``exact`` is bit-exact on every machine, thread count and tile grouping: weights are rounded to
+multiples of 2**-WEIGHT_FRAC_BITS with magnitude below 2**WEIGHT_INT_BITS, inputs are integers (scaled by
+2**-IN_SHIFT in the residual branch), and every hidden activation is floored to a multiple of 2**-ACT_FRAC_BITS and clamped to
++-2**ACT_INT_BITS. Every product and every partial sum is then a multiple of a known power of two whose
+magnitude stays below 2**53 (checked in ``ConvNet.__init__``), so IEEE float64 computes them without any
+rounding, in any summation order, with or without FMA, on CPU or GPU. The network output is therefore an
+exact function of the integer input, and spatial chunking (``exact`` works in horizontal strips with a halo)
+cannot change it either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IN_SHIFT = 6  # the residual branch sees integer inputs times 2**-6; the linear branch sees them as they are
+INPUT_CLAMP = 2.0**20  # integer inputs are clamped to +-2**20 first
+WEIGHT_FRAC_BITS = 14
+WEIGHT_INT_BITS = 4  # |w| < 16
+ACT_FRAC_BITS = 12
+ACT_INT_BITS = 12  # hidden activations in [-4096, 4096]
+_MANTISSA = 53
+STRIP_POSITIONS = 1 << 16  # rows per strip are chosen so a strip holds about this many positions
+
+
+def _quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    scale = float(1 << WEIGHT_FRAC_BITS)
+    q = torch.floor(w.detach().double() * scale + 0.5) / scale
+    limit = float(1 << WEIGHT_INT_BITS)
+    if q.abs().max().item() >= limit:
+        raise ValueError(f"weight magnitude {q.abs().max().item():.3f} exceeds the fixed-point range {limit}")
+    return q
+
+
+def _floor_act(x: torch.Tensor) -> torch.Tensor:
+    s = float(1 << ACT_FRAC_BITS)
+    lim = float(1 << ACT_INT_BITS)
+    return torch.clamp(torch.floor(x * s) / s, -lim, lim)
+
+
+class ConvNet(nn.Module):
+    """t(x) = linear(x) + residual(x), both convolutions over the same input.
+
+    ``linear`` is a single kernel x kernel convolution (a lifting filter when initialised as one);
+    ``residual`` is ``layers`` ReLU convolutions (3x3) of ``hidden`` channels and a 1x1 output layer,
+    zero-initialised so that a fresh net equals its linear part. ``hidden == 0`` means linear only.
+    Input: integer-valued tensor (B, in_ch, H, W). Output: (B, out_ch, H, W). No per-position parameters.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, hidden: int, layers: int = 2, kernel: int = 3,
+                 linear: bool = True, zero_out: bool = True):
+        super().__init__()
+        self.in_ch, self.out_ch, self.hidden, self.kernel = in_ch, out_ch, hidden, kernel
+        self.linear = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2) if linear else None
+        if self.linear is not None:
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+        convs = []
+        if hidden > 0:
+            c = in_ch
+            for _ in range(layers):
+                convs.append(nn.Conv2d(c, hidden, 3, padding=1))
+                c = hidden
+            out = nn.Conv2d(c, out_ch, 1)
+            if zero_out:
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+            convs.append(out)
+        self.convs = nn.ModuleList(convs)
+        self._check_ranges()
+        self._frozen: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _check_ranges(self) -> None:
+        # bits needed by the worst sum of each layer: |a| * |w| * terms, on the finest grid involved
+        in_int = math.log2(INPUT_CLAMP)
+        layers = []  # (conv, input integer bits, input fractional bits)
+        if self.linear is not None:
+            layers.append((self.linear, in_int, 0))
+        for i, conv in enumerate(self.convs):
+            layers.append((conv, in_int - IN_SHIFT, IN_SHIFT) if i == 0 else (conv, ACT_INT_BITS, ACT_FRAC_BITS))
+        for conv, a_int, a_frac in layers:
+            terms = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            bits = a_int + WEIGHT_INT_BITS + math.ceil(math.log2(terms + 1)) + a_frac + WEIGHT_FRAC_BITS
+            if bits > _MANTISSA:
+                raise ValueError(f"a layer needs {bits} bits; exact float64 evaluation allows {_MANTISSA}")
+
+    @property
+    def halo(self) -> int:
+        """Rows of context each side that one output row depends on."""
+        h = self.kernel // 2 if self.linear is not None else 0
+        return max(h, len(self.convs) - 1 if self.convs else 0)
+
+    # ---------------------------------------------------------------- training path (float32)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP)
+        out = self.linear(x) if self.linear is not None else 0.0
+        if self.convs:
+            h = x * 2.0**-IN_SHIFT
+            lim = float(1 << ACT_INT_BITS)
+            for conv in self.convs[:-1]:
+                h = torch.clamp(F.relu(conv(h)), max=lim)
+            out = out + self.convs[-1](h)
+        return out
+
+    # ---------------------------------------------------------------- coding path (exact float64)
+    def freeze(self) -> None:
+        """Quantise the weights for ``exact``; call again after the weights change."""
+        convs = ([self.linear] if self.linear is not None else []) + list(self.convs)
+        self._frozen = [(_quantize_weight(c.weight), _quantize_weight(c.bias)) for c in convs]
+
+    def _exact_full(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = self._frozen
+        x = torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP)
+        i = 0
+        out = None
+        if self.linear is not None:
+            w, b = frozen[0]
+            out = F.conv2d(x, w, b, padding=self.kernel // 2)
+            i = 1
+        if self.convs:
+            h = x * 2.0**-IN_SHIFT
+            for _ in range(len(self.convs) - 1):
+                w, b = frozen[i]
+                h = _floor_act(F.relu(F.conv2d(h, w, b, padding=1)))
+                i += 1
+            w, b = frozen[i]
+            r = F.conv2d(h, w, b)
+            out = r if out is None else out + r
+        return out
+
+    @torch.no_grad()
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact float64 evaluation of integer-valued ``x`` (any float or int dtype), in strips of rows."""
+        if self._frozen is None or self._frozen[0][0].device != x.device:
+            self.freeze()
+            self._frozen = [(w.to(x.device), b.to(x.device)) for w, b in self._frozen]
+        x = x.double()
+        B, _, H, W = x.shape
+        rows = max(1, STRIP_POSITIONS // max(1, B * W))
+        if rows >= H:
+            return self._exact_full(x)
+        halo = self.halo
+        out = torch.empty(B, self.out_ch, H, W, dtype=torch.float64, device=x.device)
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            a, b = max(0, r0 - halo), min(H, r1 + halo)
+            out[:, :, r0:r1] = self._exact_full(x[:, :, a:b])[:, :, r0 - a: r0 - a + (r1 - r0)]
+        return out

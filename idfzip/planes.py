@@ -1,0 +1,202 @@
+"""What the RGB flow does not code: splitting images of every Pillow mode, and coding the rest losslessly.
+
+An image is split into an optional 8-bit RGB part (modes RGB and RGBA, coded by the flow), a *rest* image
+(alpha, grey, palette indices, 16-bit or float data, any other mode) and *meta* (palette, transparency).
+The rest is coded with whichever of these is smallest: a constant (a few bytes: an opaque alpha plane costs
+almost nothing), PNG through Pillow (only when it reproduces the pixels exactly), or raw LZMA. So the rest
+never costs more than Pillow's PNG of it.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from .container import REST_CONSTANT, REST_LZMA, REST_PNG, Reader, write_varint
+from .errors import CorruptFileError, InputImageError
+
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+_PNG_MODES = {"1", "L", "LA", "I;16", "RGB", "RGBA"}
+_PALETTE_RAWMODES = ("RGB", "RGBA")
+
+
+def as_image(image) -> Image.Image:
+    """A PIL image from a PIL image or a numpy array (H, W) / (H, W, 1|2|3|4) of uint8, (H, W) uint16."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        if a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (2, 3, 4))):
+            mode = "L" if a.ndim == 2 else {2: "LA", 3: "RGB", 4: "RGBA"}[a.shape[2]]
+            return Image.frombytes(mode, (a.shape[1], a.shape[0]), np.ascontiguousarray(a).tobytes())
+        if a.dtype == np.uint16 and a.ndim == 2:
+            return Image.frombytes("I;16", (a.shape[1], a.shape[0]), np.ascontiguousarray(a, "<u2").tobytes())
+        if a.dtype == np.bool_ and a.ndim == 2:
+            return Image.fromarray(a)
+        raise InputImageError(f"unsupported array of shape {a.shape} and dtype {a.dtype}")
+    raise InputImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------- meta
+def encode_meta(im: Image.Image) -> bytes:
+    """Palette, transparency, ICC profile and EXIF: what beyond the pixel bytes decides how an image looks."""
+    out = bytearray()
+    if im.mode in ("P", "PA") and im.palette is not None:
+        rawmode = im.palette.mode if im.palette.mode in _PALETTE_RAWMODES else "RGB"
+        pal = bytes(im.getpalette(rawmode) or [])
+        out += bytes([1, _PALETTE_RAWMODES.index(rawmode)]) + write_varint(len(pal)) + pal
+    t = im.info.get("transparency")
+    if isinstance(t, int) and t >= 0:
+        out += bytes([2]) + write_varint(t)
+    elif isinstance(t, tuple) and all(isinstance(v, int) and v >= 0 for v in t) and len(t) < 256:
+        out += bytes([3, len(t)]) + b"".join(write_varint(v) for v in t)
+    elif isinstance(t, bytes):
+        out += bytes([4]) + write_varint(len(t)) + t
+    for tag, key in ((5, "icc_profile"), (6, "exif")):
+        v = im.info.get(key)
+        if isinstance(v, bytes) and v:
+            out += bytes([tag]) + write_varint(len(v)) + v
+    return bytes(out)
+
+
+def apply_meta(im: Image.Image, meta: bytes | None) -> Image.Image:
+    r = Reader(meta or b"", "image metadata")
+    while r.remaining():
+        tag = r.u8()
+        if tag == 1:
+            raw = r.u8()
+            if raw >= len(_PALETTE_RAWMODES) or im.mode not in ("P", "PA"):
+                raise CorruptFileError("invalid palette")
+            pal = r.blob()
+            if len(pal) % len(_PALETTE_RAWMODES[raw]) or len(pal) > 1024:
+                raise CorruptFileError("invalid palette")
+            im.putpalette(pal, _PALETTE_RAWMODES[raw])
+        elif tag == 2:
+            im.info["transparency"] = r.varint()
+        elif tag == 3:
+            im.info["transparency"] = tuple(r.varint() for _ in range(r.u8()))
+        elif tag == 4:
+            im.info["transparency"] = r.blob()
+        elif tag == 5:
+            im.info["icc_profile"] = r.blob()
+        elif tag == 6:
+            im.info["exif"] = r.blob()
+        else:
+            raise CorruptFileError("invalid image metadata")
+    return im
+
+
+def signature(im: Image.Image, meta: bytes) -> int:
+    """CRC32 of everything that must come back: mode, size, pixel bytes, palette and transparency."""
+    crc = zlib.crc32(f"{im.mode}|{im.width}x{im.height}|".encode())
+    crc = zlib.crc32(im.tobytes(), crc)
+    return zlib.crc32(meta, crc)
+
+
+def same_image(a: Image.Image, b: Image.Image) -> bool:
+    return (a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
+            and encode_meta(a) == encode_meta(b))
+
+
+# ---------------------------------------------------------------------------------------------- split
+def rest_mode(mode: str) -> str:
+    """Mode of the rest image of an image of ``mode`` whose RGB part (if any) went through the flow."""
+    return {"RGBA": "L", "P": "L", "PA": "LA"}.get(mode, mode)
+
+
+def split(im: Image.Image) -> tuple[np.ndarray | None, Image.Image | None]:
+    """(rgb (H, W, 3) uint8 or None, rest image or None)."""
+    if im.mode == "RGB":
+        return np.asarray(im), None
+    if im.mode == "RGBA":
+        a = np.asarray(im)
+        return np.ascontiguousarray(a[:, :, :3]), Image.fromarray(np.ascontiguousarray(a[:, :, 3]), "L")
+    if im.mode in ("P", "PA"):
+        return None, Image.frombytes(rest_mode(im.mode), im.size, im.tobytes())
+    return None, im
+
+
+def merge(mode: str, size: tuple[int, int], rgb: np.ndarray | None, rest: Image.Image | None) -> Image.Image:
+    if rgb is not None:
+        im = Image.fromarray(rgb, "RGB")
+        if mode == "RGBA":
+            im.putalpha(rest)
+        return im
+    if mode in ("P", "PA"):
+        return Image.frombytes(mode, size, rest.tobytes())
+    return rest
+
+
+# ---------------------------------------------------------------------------------------------- rest coding
+def _png(im: Image.Image) -> bytes | None:
+    if im.mode not in _PNG_MODES:
+        return None
+    buf = io.BytesIO()
+    try:
+        im.save(buf, format="PNG", optimize=True)
+        with Image.open(io.BytesIO(buf.getvalue())) as back:
+            back.load()
+            if back.mode != im.mode or back.size != im.size or back.tobytes() != im.tobytes():
+                return None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return buf.getvalue()
+
+
+def encode_rest(im: Image.Image) -> tuple[int, bytes]:
+    """(method, bytes): the smallest exact coding of ``im`` among constant, PNG and LZMA."""
+    raw = im.tobytes()
+    npix = im.width * im.height
+    if im.mode != "1" and npix and len(raw) % npix == 0:
+        bpp = len(raw) // npix
+        if raw == raw[:bpp] * npix:
+            return REST_CONSTANT, raw[:bpp]
+    best = (REST_LZMA, lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS))
+    png = _png(im)
+    if png is not None and len(png) < len(best[1]):
+        best = (REST_PNG, png)
+    return best
+
+
+def _expected_bytes(mode: str, size: tuple[int, int]) -> int:
+    try:
+        return len(Image.new(mode, (size[0], 1)).tobytes()) * size[1]
+    except (ValueError, OSError):
+        raise CorruptFileError(f"unsupported image mode {mode!r}") from None
+
+
+def decode_rest(method: int, data: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
+    n = _expected_bytes(mode, size)
+    if method == REST_CONSTANT:
+        if not data or n % len(data) or (mode != "1" and n // len(data) != size[0] * size[1]):
+            raise CorruptFileError("invalid constant plane")
+        raw = data * (n // len(data))
+    elif method == REST_LZMA:
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+        try:
+            raw = d.decompress(data, max_length=n + 1)
+        except lzma.LZMAError:
+            raise CorruptFileError("corrupted compressed plane") from None
+        if len(raw) != n:
+            raise CorruptFileError("compressed plane has the wrong size")
+    elif method == REST_PNG:
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as png:
+                if png.mode != mode or png.size != size:
+                    raise CorruptFileError("embedded PNG plane does not match the header")
+                png.load()
+                raw = png.tobytes()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise CorruptFileError("corrupted PNG plane") from None
+    else:
+        raise CorruptFileError(f"invalid coding method {method}")
+    try:
+        return Image.frombytes(mode, size, raw)
+    except (ValueError, OSError):
+        raise CorruptFileError("plane does not match the image header") from None

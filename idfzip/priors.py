@@ -1,0 +1,98 @@
+"""Discretized logistic mixtures: the likelihood used in training and the tables used for coding.
+
+P(z) = sum_k pi_k [sigmoid((z + 0.5 - mu_k) / s_k) - sigmoid((z - 0.5 - mu_k) / s_k)],  z an integer,
+as in Hoogeboom et al. 2019 (IDF) and Salimans et al. 2017 (PixelCNN++), without the edge cases at 0/255:
+latents are unbounded integers.
+
+Network outputs are laid out per target channel as [logits(K), means(K), log-scales(K)].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_SCALE_MIN = -4.0
+LOG_SCALE_MAX = 9.0
+# Coding windows: a symbol is coded in [c - W/2, c + W/2) around its rounded mean c, W from WIDTHS, plus one
+# escape entry; an escaped symbol is then sent raw in 32 bits. TAIL_SCALES keeps the escape mass below ~1e-5.
+WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+TAIL_SCALES = 12.0
+ESCAPE_FLOOR = 2.0**-22
+MIN_COMPONENT_WEIGHT = 1e-3
+
+
+def split_params(raw: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, C*3K, H, W) network output -> logits, means, log-scales, each (B, C, K, H, W)."""
+    B, C3K, H, W = raw.shape
+    r = raw.view(B, C3K // (3 * K), 3, K, H, W)
+    log_s = torch.clamp(r[:, :, 2], LOG_SCALE_MIN, LOG_SCALE_MAX)
+    return r[:, :, 0], r[:, :, 1], log_s
+
+
+def _log_sigmoid_diff(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(hi) - sigmoid(lo)) for hi > lo, stable in both tails."""
+    # reflect to the side where the sigmoids are small: sigmoid(h) - sigmoid(l) = sigmoid(-l) - sigmoid(-h)
+    flip = (hi + lo) > 0
+    h = torch.where(flip, -lo, hi)
+    l_ = torch.where(flip, -hi, lo)
+    lh, ll = F.logsigmoid(h), F.logsigmoid(l_)
+    d = torch.clamp(ll - lh, max=-1e-6)
+    return lh + torch.log(-torch.expm1(d))
+
+
+def nll_bits(z: torch.Tensor, raw: torch.Tensor, K: int) -> torch.Tensor:
+    """Total -log2 P(z) of integer-valued z (B, C, H, W) under the mixture given by raw (B, C*3K, H, W)."""
+    logits, mu, log_s = split_params(raw, K)
+    inv_s = torch.exp(-log_s)
+    zc = z.unsqueeze(2) - mu
+    lp = _log_sigmoid_diff((zc + 0.5) * inv_s, (zc - 0.5) * inv_s)
+    lp = torch.logsumexp(lp + F.log_softmax(logits, dim=2), dim=2)
+    return -lp.sum() / math.log(2.0)
+
+
+class Mixture:
+    """Mixture parameters of n symbols in coding order, float64: weights, means, scales, each (n, K)."""
+
+    def __init__(self, raw: torch.Tensor, K: int):
+        logits, mu, log_s = split_params(raw.detach().double(), K)
+        # (B, C, K, H, W) -> (B, C, H, W, K) -> (n, K): symbol order is z.flatten() order
+        def flat(t):
+            return t.permute(0, 1, 3, 4, 2).reshape(-1, K).cpu()
+        self.weights = torch.softmax(flat(logits), dim=1)
+        self.means = flat(mu)
+        self.scales = torch.exp(flat(log_s))
+
+    @classmethod
+    def from_tensors(cls, weights, means, scales) -> "Mixture":
+        m = cls.__new__(cls)
+        m.weights, m.means, m.scales = weights, means, scales
+        return m
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    def take(self, idx: torch.Tensor) -> "Mixture":
+        return Mixture.from_tensors(self.weights[idx], self.means[idx], self.scales[idx])
+
+    def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per symbol: window centre (int64) and index into WIDTHS (int64)."""
+        centre = torch.floor((self.weights * self.means).sum(1) + 0.5)
+        used = self.weights > MIN_COMPONENT_WEIGHT
+        spread = torch.where(used, (self.means - centre[:, None]).abs() + TAIL_SCALES * self.scales, 0.0)
+        half = spread.max(1).values
+        widths = torch.tensor(WIDTHS, dtype=torch.float64)
+        cls = torch.searchsorted(widths / 2, half.contiguous())
+        return centre.long(), torch.clamp(cls, max=len(WIDTHS) - 1)
+
+    def table(self, centre: torch.Tensor, width: int) -> torch.Tensor:
+        """(n, width + 1) probabilities of z = centre - width/2 + j for j < width, then the escape mass."""
+        edges = (centre - width // 2).double()[:, None] - 0.5 + torch.arange(width + 1, dtype=torch.float64)
+        x = (edges[:, None, :] - self.means[:, :, None]) / self.scales[:, :, None]
+        cdf = (self.weights[:, :, None] * torch.sigmoid(x)).sum(1)
+        probs = torch.empty(cdf.shape[0], width + 1, dtype=torch.float64)
+        probs[:, :width] = torch.clamp(cdf[:, 1:] - cdf[:, :-1], min=0.0)
+        probs[:, width] = torch.clamp(1.0 - (cdf[:, -1] - cdf[:, 0]), min=ESCAPE_FLOOR)
+        return probs

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models, one round-trip helper, the shared data folder when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import idfzip
+from idfzip.flows import HierarchicalIDF, IDFConfig
+from idfzip.planes import encode_meta
+from idfzip.zoo import load, save_model
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def make_model(tmp_path: Path, name: str = "tiny", **cfg) -> object:
+    """A small randomly initialised model (random prior weights) saved and loaded like a shipped one."""
+    torch.manual_seed(1)
+    config = IDFConfig(**{"levels": 2, "prior_hidden": 8, "mixtures": 2, **cfg})
+    flow = HierarchicalIDF(config)
+    with torch.no_grad():  # perturb the lifting filters so the flow is not a plain wavelet
+        for p in flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / f"{name}.safetensors"
+    save_model(flow, path, name)
+    return load(str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bipartite(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models"), "tinybi", coupling="bipartite", init="identity",
+                      coupling_hidden=4, steps=2)
+
+
+def assert_same(a: Image.Image, b: Image.Image) -> None:
+    assert a.mode == b.mode
+    assert a.size == b.size
+    assert a.tobytes() == b.tobytes()
+    assert encode_meta(a) == encode_meta(b)
+
+
+def roundtrip(im: Image.Image, model, **kw) -> bytes:
+    """Compress, decompress, assert identical; return the bytes."""
+    data = idfzip.compress(im, model, **kw)
+    assert_same(im, idfzip.decompress(data, model))
+    return data
+
+
+def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (low-pass noise), more photo-like than white noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3)).astype(np.float64)
+    big = np.kron(small, np.ones((8, 8, 1)))[:h, :w]
+    noise = rng.normal(0, 4, (h, w, 3))
+    return np.clip(big + noise, 0, 255).astype(np.uint8)

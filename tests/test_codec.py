@@ -1,0 +1,135 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import idfzip
+from idfzip.errors import CorruptFileError, ModelMismatchError
+
+from conftest import make_model, photo, roundtrip
+
+
+@pytest.mark.parametrize("w,h", [(1, 1), (1, 9), (9, 1), (65, 257), (33, 31), (100, 64)])
+def test_rgb_sizes(tiny, w, h):
+    roundtrip(Image.fromarray(photo(w, h, seed=w * h)), tiny)
+
+
+def test_flow_is_used_and_its_nll_is_reported(tiny):
+    im = Image.fromarray(photo(128, 96))
+    data, st = idfzip.compress_with_stats(im, tiny)
+    assert st.method == "flow:tiny"
+    assert abs(st.nll_bits - 8 * st.flow_bytes) < 0.02 * 8 * st.flow_bytes + 64
+    assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
+
+
+def test_bipartite_model_round_trip(tiny_bipartite):
+    roundtrip(Image.fromarray(photo(70, 45, seed=3)), tiny_bipartite)
+
+
+def _modes():
+    rng = np.random.default_rng(5)
+    g = rng.integers(0, 256, (37, 29), dtype=np.uint8)
+    rgb = photo(29, 37)
+    yield "1", Image.fromarray(g > 128)
+    yield "L", Image.fromarray(g)
+    yield "LA", Image.fromarray(np.dstack([g, g[::-1]]), "LA")
+    p = Image.fromarray(g % 16).convert("P")
+    p.putpalette(list(rng.integers(0, 256, 48)))
+    p.info["transparency"] = 3
+    yield "P", p
+    pa = Image.frombytes("PA", (29, 37), np.dstack([g % 7, g]).tobytes())
+    pa.putpalette(list(range(30)))
+    yield "PA", pa
+    yield "RGB", Image.fromarray(rgb)
+    yield "RGBA", Image.fromarray(np.dstack([rgb, g]), "RGBA")
+    yield "RGBA-opaque", Image.fromarray(np.dstack([rgb, np.full_like(g, 255)]), "RGBA")
+    yield "I;16", Image.frombytes("I;16", (29, 37), rng.integers(0, 65536, (37, 29), dtype="<u2").tobytes())
+    yield "I", Image.fromarray(rng.integers(-2**31, 2**31, (37, 29), dtype=np.int32), "I")
+    yield "F", Image.fromarray(rng.normal(size=(37, 29)).astype(np.float32), "F")
+    yield "CMYK", Image.fromarray(rgb).convert("CMYK")
+    yield "YCbCr", Image.fromarray(rgb).convert("YCbCr")
+
+
+@pytest.mark.parametrize("name,im", list(_modes()), ids=[n for n, _ in _modes()])
+def test_every_mode(tiny, name, im):
+    roundtrip(im, tiny)
+
+
+def test_icc_profile_and_palette_survive(tiny):
+    im = Image.fromarray(photo(20, 20))
+    im.info["icc_profile"] = b"fake icc profile bytes"
+    back = idfzip.decompress(idfzip.compress(im, tiny), tiny)
+    assert back.info["icc_profile"] == im.info["icc_profile"]
+
+
+def test_numpy_input(tiny):
+    a = photo(40, 24)
+    back = idfzip.decompress(idfzip.compress(a, tiny), tiny)
+    assert np.array_equal(np.asarray(back), a)
+
+
+def test_constant_alpha_costs_almost_nothing(tiny):
+    rgb = photo(128, 128)
+    a, _ = idfzip.compress_with_stats(Image.fromarray(rgb), tiny)
+    b, _ = idfzip.compress_with_stats(Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])), tiny)
+    assert len(b) - len(a) <= 4
+
+
+def test_rest_never_costs_more_than_png(tiny):
+    g = np.tile(np.arange(256, dtype=np.uint8), (64, 1))
+    im = Image.fromarray(g)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    assert len(idfzip.compress(im, tiny)) <= len(buf.getvalue()) + 16
+
+
+@pytest.mark.parametrize("tile", [32, 64, 96])
+def test_tiles_grouped_differently(tiny, tile):
+    """The same image in different tilings decodes exactly; each file records its tiling."""
+    im = Image.fromarray(photo(150, 70, seed=9))
+    data = roundtrip(im, tiny, tile=tile)
+    assert idfzip.inspect(data)["tiles"] == -(-150 // tile) * -(-70 // tile)
+
+
+def test_encode_with_two_threads_decode_with_one(tiny):
+    im = Image.fromarray(photo(160, 96, seed=4))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        data = idfzip.compress(im, tiny, tile=64)
+        torch.set_num_threads(1)
+        assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_tile_size_must_suit_the_model(tiny):
+    with pytest.raises(ValueError):
+        idfzip.compress(photo(10, 10), tiny, tile=30)
+
+
+def test_wrong_model_is_refused(tiny, tmp_path):
+    other = make_model(tmp_path, "other", prior_hidden=6)
+    data = idfzip.compress(photo(80, 80), tiny)
+    with pytest.raises(ModelMismatchError):
+        idfzip.decompress(data, other)
+
+
+def test_corruption_is_an_error_never_wrong_pixels(tiny):
+    im = Image.fromarray(photo(96, 64, seed=2))
+    data = idfzip.compress(im, tiny)
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        bad = bytearray(data)
+        pos = int(rng.integers(0, len(bad)))
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        try:
+            out = idfzip.decompress(bytes(bad), tiny)
+        except (CorruptFileError, ModelMismatchError):
+            continue
+        assert out.tobytes() == im.tobytes()  # a flip that changed nothing decodable must still be exact
+    for n in (0, 3, 10, len(data) // 2, len(data) - 1):
+        with pytest.raises(CorruptFileError):
+            idfzip.decompress(data[:n], tiny)

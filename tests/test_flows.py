@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from idfzip.flows import HierarchicalIDF, IDFConfig
+from idfzip.flows.layers import Coupling, Permute, bipartite_updates, quad_updates, squeeze, unsqueeze
+from idfzip.flows import nets
+from idfzip.flows.nets import ConvNet
+
+
+def rand_ints(*shape, lo=-300, hi=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, shape, generator=g)
+
+
+def perturbed(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_squeeze_inverts():
+    x = rand_ints(2, 3, 8, 6)
+    assert torch.equal(unsqueeze(squeeze(x)), x)
+    assert squeeze(x).shape == (2, 12, 4, 3)
+
+
+@pytest.mark.parametrize("kind", ["bipartite", "quad"])
+@pytest.mark.parametrize("hidden", [0, 6])
+def test_coupling_is_exactly_invertible(kind, hidden):
+    C = 3
+    updates = quad_updates(C) if kind == "quad" else bipartite_updates(4 * C)
+    coup = perturbed(Coupling(4 * C, updates, hidden, 2, 3))
+    x = rand_ints(1, 12, 9, 7, lo=-2000, hi=2000)
+    y = coup.encode(x)
+    assert not torch.equal(y, x)  # the perturbed coupling really changes its input
+    assert torch.equal(coup.decode(y), x)
+
+
+def test_permutation_inverts():
+    p = Permute([2, 0, 3, 1])
+    x = rand_ints(1, 4, 3, 3)
+    assert torch.equal(p.decode(p.encode(x)), x)
+
+
+@pytest.mark.parametrize("cfg", [
+    IDFConfig(levels=3, prior_hidden=4, mixtures=2),
+    IDFConfig(levels=2, coupling="bipartite", init="identity", steps=3, coupling_hidden=5, color="none",
+              prior_hidden=4),
+    IDFConfig(levels=2, steps=2, coupling_hidden=4, prior_hidden=4),
+])
+def test_whole_flow_inverts(cfg):
+    flow = perturbed(HierarchicalIDF(cfg), seed=3)
+    x = rand_ints(1, 3, 16, 24, lo=0, hi=256, seed=5)
+    kept, latents = x, []
+    kept = flow.color_encode(kept)
+    for level in range(cfg.levels):
+        kept, z = flow.level_encode(level, kept)
+        latents.append(z)
+    y = kept
+    for level in reversed(range(cfg.levels)):
+        y = flow.level_decode(level, y, latents[level])
+    assert torch.equal(flow.color_decode(y), x)
+
+
+def test_training_path_matches_integer_path_on_lifting_init():
+    """With the lifting initialisation (dyadic weights) the float32 training path gives the same latents."""
+    flow = HierarchicalIDF(IDFConfig(levels=2, prior_hidden=4))
+    x = rand_ints(1, 3, 8, 8, lo=0, hi=256)
+    a = flow.color(x.float())
+    b = flow.color_encode(x)
+    assert torch.equal(a.long(), b)
+
+
+def test_exact_is_independent_of_strips_threads_and_batching(monkeypatch):
+    net = perturbed(ConvNet(9, 12, hidden=16, layers=2), seed=7)
+    x = rand_ints(2, 9, 37, 23, lo=-5000, hi=5000)
+    full = net.exact(x)
+    monkeypatch.setattr(nets, "STRIP_POSITIONS", 50)  # strips of 1-2 rows
+    strips = net.exact(x)
+    assert torch.equal(full, strips)
+    one = torch.cat([net.exact(x[i:i + 1]) for i in range(2)])
+    assert torch.equal(full, one)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = net.exact(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(full, single)
+    # the exact path is close to the float32 training path
+    diff = (full.float() - net(x.float())).abs().max()
+    assert diff <= 1e-3 * full.abs().max()
+
+
+def test_exact_values_lie_on_the_fixed_point_grid():
+    net = perturbed(ConvNet(3, 4, hidden=0), seed=2)
+    out = net.exact(rand_ints(1, 3, 5, 5))
+    scaled = out * 2.0**nets.WEIGHT_FRAC_BITS
+    assert torch.equal(scaled, torch.round(scaled))
+
+
+def test_weight_out_of_range_is_refused():
+    net = ConvNet(3, 3, hidden=0)
+    with torch.no_grad():
+        net.linear.weight[0, 0, 0, 0] = 100.0
+    with pytest.raises(ValueError):
+        net.freeze()
+
+
+def test_training_loss_is_finite_and_differentiable():
+    flow = HierarchicalIDF(IDFConfig(levels=2, prior_hidden=4, coupling_hidden=4))
+    x = rand_ints(2, 3, 16, 16, lo=0, hi=256).float()
+    bits = flow(x)
+    bits.backward()
+    assert torch.isfinite(bits)
+    assert all(p.grad is not None for p in flow.priors.parameters())
