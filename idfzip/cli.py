@@ -17,6 +17,7 @@ from . import codec, zoo
 from .container import REST_METHODS
 from .errors import IdfzipError
 from .imagefile import open_image
+from .planes import same_image
 
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
 LOSSLESS_SUFFIXES = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".webp": "WEBP",
@@ -138,10 +139,11 @@ def _model(ctx):
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--tile", type=click.IntRange(1, 1 << 14), default=codec.DEFAULT_TILE, show_default=True,
               help="Tile side in pixels (a multiple of the model's 2**levels).")
+@click.option("--verify", is_flag=True, help="Decode the result and confirm it is identical before writing it.")
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bits per sub-pixel, model NLL and time.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.pass_context
-def compress(ctx, inputs, output, out_dir, force, tile, verbose, quiet):
+def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
     """Compress images to .idfz (INPUT.png -> INPUT.idfz)."""
     state = {"model": None}
 
@@ -155,6 +157,10 @@ def compress(ctx, inputs, output, out_dir, force, tile, verbose, quiet):
             data, st = codec.compress_with_stats(im, state["model"], tile=tile, device=ctx.obj["device"],
                                                  progress=bar.update)
         dt = time.perf_counter() - t0
+        if verify:
+            back = codec.decompress(data, state["model"], device=ctx.obj["device"])
+            if not same_image(back, im):
+                raise Failure(f"{src}: verification failed: the decoded image differs (please report this)")
         _atomic_write(dst, lambda f: f.write(data))
         if quiet:
             return
@@ -164,6 +170,8 @@ def compress(ctx, inputs, output, out_dir, force, tile, verbose, quiet):
             if st.flow_bytes:
                 line += f", model NLL {st.nll_bits / st.subpixels:.3f} bpd"
             line += f", {dt:.2f} s"
+        if verify:
+            line += ", verified identical"
         click.echo(line, err=True)
 
     _run_each(_targets(inputs, output, out_dir, lambda s: ".idfz"), one)

@@ -62,4 +62,4 @@ def open_image(path: str | Path) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise InputImageError(f"{path}: {e}") from None
     except Exception as e:  # Pillow raises many kinds of errors on broken files
-        raise InputImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise InputImageError(f"{path}: not a readable image ({e})") from None

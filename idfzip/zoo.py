@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -39,12 +39,14 @@ class Model:
 
 
 def models_dir() -> Path | None:
+    """Where shipped models are: the installed ``idfzip._models`` package, else the repository's models/."""
     try:
-        p = Path(str(resources.files("idfzip._models")))
-        if p.is_dir():
-            return p
-    except (ModuleNotFoundError, TypeError):
-        pass
+        spec = importlib.util.find_spec("idfzip._models")
+    except (ModuleNotFoundError, ValueError):
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if Path(loc).is_dir():
+            return Path(loc)
     p = Path(__file__).resolve().parent.parent / "models"
     return p if p.is_dir() else None
 

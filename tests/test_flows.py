@@ -97,7 +97,7 @@ def test_exact_is_independent_of_strips_threads_and_batching(monkeypatch):
 def test_exact_values_lie_on_the_fixed_point_grid():
     net = perturbed(ConvNet(3, 4, hidden=0), seed=2)
     out = net.exact(rand_ints(1, 3, 5, 5))
-    scaled = out * 2.0**nets.WEIGHT_FRAC_BITS
+    scaled = out * 2.0**nets.LINEAR_FRAC_BITS
     assert torch.equal(scaled, torch.round(scaled))
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 IN_SHIFT = 6  # the residual branch sees integer inputs times 2**-6; the linear branch sees them as they are
-INPUT_CLAMP = 2.0**20  # integer inputs are clamped to +-2**20 first
+INPUT_CLAMP = 2.0**16  # integer inputs are clamped to +-2**16 first
+LINEAR_FRAC_BITS = 24  # the linear branch (integer inputs) keeps finer weights: its outputs are rounded
 WEIGHT_FRAC_BITS = 14
 WEIGHT_INT_BITS = 4  # |w| < 16
 ACT_FRAC_BITS = 12
@@ -32,8 +33,8 @@ _MANTISSA = 53
 STRIP_POSITIONS = 1 << 16  # rows per strip are chosen so a strip holds about this many positions
 
 
-def _quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    scale = float(1 << WEIGHT_FRAC_BITS)
+def _quantize_weight(w: torch.Tensor, frac_bits: int = WEIGHT_FRAC_BITS) -> torch.Tensor:
+    scale = float(1 << frac_bits)
     q = torch.floor(w.detach().double() * scale + 0.5) / scale
     limit = float(1 << WEIGHT_INT_BITS)
     if q.abs().max().item() >= limit:
@@ -84,7 +85,7 @@ class ConvNet(nn.Module):
         in_int = math.log2(INPUT_CLAMP)
         layers = []  # (conv, input integer bits, input fractional bits)
         if self.linear is not None:
-            layers.append((self.linear, in_int, 0))
+            layers.append((self.linear, in_int, LINEAR_FRAC_BITS - WEIGHT_FRAC_BITS))
         for i, conv in enumerate(self.convs):
             layers.append((conv, in_int - IN_SHIFT, IN_SHIFT) if i == 0 else (conv, ACT_INT_BITS, ACT_FRAC_BITS))
         for conv, a_int, a_frac in layers:
@@ -114,8 +115,10 @@ class ConvNet(nn.Module):
     # ---------------------------------------------------------------- coding path (exact float64)
     def freeze(self) -> None:
         """Quantise the weights for ``exact``; call again after the weights change."""
-        convs = ([self.linear] if self.linear is not None else []) + list(self.convs)
-        self._frozen = [(_quantize_weight(c.weight), _quantize_weight(c.bias)) for c in convs]
+        self._frozen = [(_quantize_weight(c.weight), _quantize_weight(c.bias)) for c in self.convs]
+        if self.linear is not None:
+            lin = self.linear
+            self._frozen.insert(0, (_quantize_weight(lin.weight, LINEAR_FRAC_BITS), _quantize_weight(lin.bias)))
 
     def _exact_full(self, x: torch.Tensor) -> torch.Tensor:
         frozen = self._frozen

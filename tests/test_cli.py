@@ -1,0 +1,152 @@
+"""The command line, through click's runner (fast) and a real subprocess (exit codes, no tracebacks)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from idfzip.cli import cli
+
+from conftest import SHARED, assert_same, photo
+
+
+@pytest.fixture()
+def run(tiny):
+    def invoke(*args, model=True):
+        pre = ["--model", tiny.path] if model else []
+        return CliRunner().invoke(cli, [*pre, *map(str, args)], catch_exceptions=False)
+    return invoke
+
+
+def test_compress_decompress_identical(run, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(photo(80, 60)).save(src)  # over codec.SMALL_IMAGE pixels: always the flow
+    r = run("compress", "-v", src)
+    assert r.exit_code == 0, r.output
+    assert "bpd" in r.output and "model NLL" in r.output
+    assert (tmp_path / "a.idfz").exists()
+    (tmp_path / "a.png").rename(tmp_path / "orig.png")
+    r = run("decompress", tmp_path / "a.idfz")
+    assert r.exit_code == 0, r.output
+    assert_same(Image.open(tmp_path / "orig.png"), Image.open(tmp_path / "a.png"))
+
+
+def test_refuses_to_overwrite_without_force(run, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(photo(20, 20)).save(src)
+    assert run("compress", src).exit_code == 0
+    r = run("decompress", tmp_path / "a.idfz")
+    assert r.exit_code == 1 and "already exists" in r.output
+    assert run("decompress", "--force", tmp_path / "a.idfz").exit_code == 0
+    r = run("compress", src)
+    assert r.exit_code == 1 and "--force" in r.output
+
+
+def test_output_options_and_formats(run, tmp_path):
+    src = tmp_path / "a.png"
+    im = Image.fromarray(photo(33, 17))
+    im.save(src)
+    assert run("compress", "-o", tmp_path / "x.idfz", src).exit_code == 0
+    for suffix in (".png", ".tif", ".bmp", ".webp"):
+        r = run("decompress", "-o", tmp_path / f"back{suffix}", tmp_path / "x.idfz")
+        assert r.exit_code == 0, r.output
+        assert Image.open(tmp_path / f"back{suffix}").tobytes() == im.tobytes()
+    r = run("decompress", "-o", tmp_path / "back.jpg", tmp_path / "x.idfz")
+    assert r.exit_code == 1 and "Error:" in r.output and not (tmp_path / "back.jpg").exists()
+
+
+def test_several_inputs_bad_one_reported_and_skipped(run, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(photo(20, 30)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    r = run("compress", "--out-dir", out, bad, good, tmp_path / "missing.png")
+    assert r.exit_code == 1
+    assert sum(line.startswith("Error: ") for line in r.output.splitlines()) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["good.idfz"]
+    r = run("decompress", "--out-dir", tmp_path / "back", out / "good.idfz")
+    assert r.exit_code == 0
+    assert Image.open(tmp_path / "back" / "good.png").tobytes() == Image.open(good).tobytes()
+
+
+def test_info(run, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(np.dstack([photo(80, 60), np.full((60, 80), 255, np.uint8)]), "RGBA").save(src)
+    run("compress", src)
+    r = run("info", tmp_path / "a.idfz", model=False)
+    assert r.exit_code == 0
+    assert "80x60 RGBA" in r.output and "bits per sub-pixel" in r.output and "tiny" in r.output
+
+
+def test_corrupt_and_truncated_files_leave_no_output(run, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(photo(64, 64)).save(src)
+    run("compress", src)
+    data = (tmp_path / "a.idfz").read_bytes()
+    cases = {"trunc.idfz": data[: len(data) // 2], "flip.idfz": data[:-30] + bytes([data[-30] ^ 0xFF]) + data[-29:],
+             "empty.idfz": b"", "text.idfz": b"hello world, not a file"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        r = run("decompress", tmp_path / name)
+        assert r.exit_code == 1, name
+        assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+        assert not (tmp_path / name.replace(".idfz", ".png")).exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["compress"], ["decompress"], ["info"], ["models"]):
+        r = CliRunner().invoke(cli, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+def _idfzip(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "idfzip.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_subprocess_errors_are_one_line_without_traceback(tiny, tmp_path):
+    (tmp_path / "x.idfz").write_bytes(b"IDZ\x01\x00\xff\xff\xff\xff\x0f\x01\x01")
+    r = _idfzip("--model", tiny.path, "decompress", "x.idfz", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _idfzip("--model", str(tmp_path / "nope.safetensors"), "compress", "x.png", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    src = tmp_path / "a.png"
+    Image.fromarray(photo(16, 16)).save(src)
+    r = _idfzip("--threads", "2", "--model", tiny.path, "compress", "a.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = _idfzip("--model", tiny.path, "decompress", "-o", "b.png", "a.idfz", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "b.png").tobytes() == Image.open(src).tobytes()
+
+
+PNGSUITE = SHARED / "pngsuite"
+
+
+@pytest.mark.skipif(not PNGSUITE.is_dir(), reason="../shared/data/pngsuite not present")
+def test_pngsuite_through_the_cli_with_the_shipped_model(tmp_path):
+    """Every valid PngSuite file round-trips exactly; every corrupt one (x*.png) is a clean error."""
+    files = sorted(PNGSUITE.glob("*.png"))
+    valid = [f for f in files if not f.name.startswith("x")]
+    corrupt = [f for f in files if f.name.startswith("x")]
+    runner = CliRunner()
+    r = runner.invoke(cli, ["compress", "-q", "--out-dir", str(tmp_path / "z"), *map(str, valid)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["decompress", "--out-dir", str(tmp_path / "back"), *map(str, sorted((tmp_path / "z").iterdir()))])
+    assert r.exit_code == 0, r.output
+    for f in valid:
+        orig = Image.open(f)
+        back = Image.open(tmp_path / "back" / (f.stem + ".png"))
+        assert_same(orig, back)
+    r = runner.invoke(cli, ["compress", "--out-dir", str(tmp_path / "bad"), *map(str, corrupt)])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == len(corrupt) and all(line.startswith("Error: ") for line in lines)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
