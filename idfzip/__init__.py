@@ -9,5 +9,15 @@ from .codec import compress, compress_with_stats, decompress, inspect
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError, ModelNotFoundError
 
 __version__ = "0.1.0"
-__all__ = ["compress", "compress_with_stats", "decompress", "inspect", "CorruptFileError", "IdfzipError",
-           "InputImageError", "ModelMismatchError", "ModelNotFoundError", "__version__"]
+__all__ = [
+           "CorruptFileError",
+           "IdfzipError",
+           "InputImageError",
+           "ModelMismatchError",
+           "ModelNotFoundError",
+           "__version__",
+           "compress",
+           "compress_with_stats",
+           "decompress",
+           "inspect",
+]

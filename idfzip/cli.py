@@ -117,7 +117,7 @@ def _run_each(pairs, fn) -> None:
 @click.option("--model", "model", default=None, metavar="NAME_OR_PATH",
               help=f"Model name or .safetensors path (default: {zoo.DEFAULT_MODEL}; decompress: the file's).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the networks run. Files are identical either way.")
+              help="Where the networks run (their arithmetic is exact fixed point, so the file does not depend on it).")
 @click.pass_context
 def cli(ctx, threads, model, device):
     """idfzip: lossless image compression with integer discrete flows."""

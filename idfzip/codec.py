@@ -9,8 +9,8 @@ decoding), each padded by edge replication to a multiple of 2**levels; their ord
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -71,7 +71,12 @@ def _encode_tile(model: Model, rgb: np.ndarray, device: str) -> tuple[bytes, flo
             raws.append(flow.prior_raw(level, j, ctx))
             ctx = torch.cat([ctx, z[:, j * C:(j + 1) * C]], 1)
         for j in reversed(range(3)):  # ANS is a stack: push in the reverse of the decoding order
-            enc.push(z[:, j * C:(j + 1) * C], Mixture(raws[j], K))
+            zj = z[:, j * C:(j + 1) * C]
+            if flow.n_ar:
+                for c in reversed(range(C)):
+                    enc.push(zj[:, c:c + 1], Mixture(flow.channel_raw(raws[j], c, zj[:, :c]), K))
+            else:
+                enc.push(zj, Mixture(raws[j], K))
         x = kept
     enc.push(x, Mixture(flow.top_raw(x.shape), K))
     return enc.finish(), enc.bits
@@ -90,7 +95,15 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str) -> np.n
         shape = (1, C, H >> (level + 1), W >> (level + 1))
         ctx, zs = x, []
         for j in range(3):
-            zj = dec.pop(Mixture(flow.prior_raw(level, j, ctx), K)).view(shape).to(device)
+            raw = flow.prior_raw(level, j, ctx)
+            if flow.n_ar:
+                one = (1, 1) + shape[2:]
+                zj = torch.zeros(shape, dtype=torch.long, device=device)
+                for c in range(C):
+                    mix = Mixture(flow.channel_raw(raw, c, zj[:, :c]), K)
+                    zj[:, c:c + 1] = dec.pop(mix).view(one).to(device)
+            else:
+                zj = dec.pop(Mixture(raw, K)).view(shape).to(device)
             zs.append(zj)
             ctx = torch.cat([ctx, zj], 1)
         x = flow.level_decode(level, x, torch.cat(zs, 1))

@@ -16,10 +16,9 @@ pyproject.toml and ``perfect=False`` is always passed explicitly.
 
 from __future__ import annotations
 
+import constriction
 import numpy as np
 import torch
-
-import constriction
 
 from .errors import CorruptFileError
 from .priors import WIDTHS, Mixture

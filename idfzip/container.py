@@ -125,7 +125,7 @@ class Container:
         return bytes(out)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Container":
+    def from_bytes(cls, data: bytes) -> Container:
         r = Reader(data)
         if len(data) < 4 or data[:3] != MAGIC:
             raise CorruptFileError("not an .idfz file (bad magic bytes)")

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 LOG_SCALE_MIN = -4.0
 LOG_SCALE_MAX = 9.0
 # Coding windows: a symbol is coded in [c - W/2, c + W/2) around its rounded mean c, W from WIDTHS, plus one
-# escape entry; an escaped symbol is then sent raw in 32 bits. TAIL_SCALES keeps the escape mass below ~1e-5.
-WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-TAIL_SCALES = 12.0
+# escape entry; an escaped symbol is then sent raw in 32 bits. The window is the narrowest that leaves at most
+# about TAIL_MASS of the mixture outside (each component k needs |mu_k - c| + s_k ln(2 K pi_k / TAIL_MASS)),
+# so escapes cost about TAIL_MASS * 40 bits per symbol.
+WIDTHS = (12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+TAIL_MASS = 2.0**-17
 ESCAPE_FLOOR = 2.0**-22
-MIN_COMPONENT_WEIGHT = 1e-3
 
 
 def split_params(raw: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,7 +55,11 @@ def nll_bits(z: torch.Tensor, raw: torch.Tensor, K: int) -> torch.Tensor:
 
 
 class Mixture:
-    """Mixture parameters of n symbols in coding order, float64: weights, means, scales, each (n, K)."""
+    """Mixture parameters of n symbols in coding order: weights, means, scales, each (n, K), float64.
+
+    Tables are computed from them in float32 with a fixed sequence of operations on fixed chunks, so the
+    encoder and the decoder of one machine build identical tables.
+    """
 
     def __init__(self, raw: torch.Tensor, K: int):
         logits, mu, log_s = split_params(raw.detach().double(), K)
@@ -66,7 +71,7 @@ class Mixture:
         self.scales = torch.exp(flat(log_s))
 
     @classmethod
-    def from_tensors(cls, weights, means, scales) -> "Mixture":
+    def from_tensors(cls, weights, means, scales) -> Mixture:
         m = cls.__new__(cls)
         m.weights, m.means, m.scales = weights, means, scales
         return m
@@ -74,25 +79,37 @@ class Mixture:
     def __len__(self) -> int:
         return self.means.shape[0]
 
-    def take(self, idx: torch.Tensor) -> "Mixture":
+    def take(self, idx: torch.Tensor) -> Mixture:
         return Mixture.from_tensors(self.weights[idx], self.means[idx], self.scales[idx])
 
     def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per symbol: window centre (int64) and index into WIDTHS (int64)."""
         centre = torch.floor((self.weights * self.means).sum(1) + 0.5)
-        used = self.weights > MIN_COMPONENT_WEIGHT
-        spread = torch.where(used, (self.means - centre[:, None]).abs() + TAIL_SCALES * self.scales, 0.0)
-        half = spread.max(1).values
+        K = self.weights.shape[1]
+        tail = torch.clamp(torch.log(self.weights * (2.0 * K / TAIL_MASS)), min=0.0)
+        half = ((self.means - centre[:, None]).abs() + self.scales * tail).max(1).values
         widths = torch.tensor(WIDTHS, dtype=torch.float64)
         cls = torch.searchsorted(widths / 2, half.contiguous())
         return centre.long(), torch.clamp(cls, max=len(WIDTHS) - 1)
 
     def table(self, centre: torch.Tensor, width: int) -> torch.Tensor:
         """(n, width + 1) probabilities of z = centre - width/2 + j for j < width, then the escape mass."""
-        edges = (centre - width // 2).double()[:, None] - 0.5 + torch.arange(width + 1, dtype=torch.float64)
-        x = (edges[:, None, :] - self.means[:, :, None]) / self.scales[:, :, None]
-        cdf = (self.weights[:, :, None] * torch.sigmoid(x)).sum(1)
-        probs = torch.empty(cdf.shape[0], width + 1, dtype=torch.float64)
-        probs[:, :width] = torch.clamp(cdf[:, 1:] - cdf[:, :-1], min=0.0)
+        f = torch.float32
+        n = len(centre)
+        inv_s = (1.0 / self.scales).to(f)
+        # (edge - mu) / s with edge = lo + j, computed as j / s + (lo - mu) / s
+        lo = (centre - width // 2).double() - 0.5
+        off = ((lo[:, None] - self.means) / self.scales).to(f)
+        w = self.weights.to(f)
+        j = torch.arange(width + 1, dtype=f)[None, :]
+        cdf = torch.zeros(n, width + 1, dtype=f)
+        for k in range(w.shape[1]):
+            x = j * inv_s[:, k:k + 1]
+            x.add_(off[:, k:k + 1])
+            torch.sigmoid_(x)
+            cdf.addcmul_(x, w[:, k:k + 1])
+        probs = torch.empty(n, width + 1, dtype=f)
+        torch.sub(cdf[:, 1:], cdf[:, :-1], out=probs[:, :width])
+        probs[:, :width].clamp_(min=0.0)
         probs[:, width] = torch.clamp(1.0 - (cdf[:, -1] - cdf[:, 0]), min=ESCAPE_FLOOR)
         return probs

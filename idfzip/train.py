@@ -12,9 +12,9 @@ import math
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -103,8 +103,30 @@ def evaluate(model: HierarchicalIDF, images: list[np.ndarray], size: int = 256) 
     return bits / max(n, 1)
 
 
+def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
+    """Copy weights from a model file into ``model`` where names match: whole tensors of equal shape, or the
+    leading rows of an output layer that has grown (e.g. extra prior outputs). Returns tensors copied."""
+    from safetensors.torch import load_file
+
+    src = load_file(str(path))
+    own = model.state_dict()
+    n = 0
+    with torch.no_grad():
+        for k, v in own.items():
+            w = src.get(k)
+            if w is None:
+                continue
+            if w.shape == v.shape:
+                v.copy_(w)
+                n += 1
+            elif w.ndim == v.ndim and w.shape[1:] == v.shape[1:] and w.shape[0] < v.shape[0]:
+                v[:w.shape[0]] = w
+                n += 1
+    return n
+
+
 def train(model_config: IDFConfig, train_config: TrainConfig, data: list[str | Path], out: str | Path,
-          name: str, resume: str | Path | None = None, device: str = "cpu",
+          name: str, resume: str | Path | None = None, device: str = "cpu", init_from: str | Path | None = None,
           log: Callable[[str], None] = print) -> HierarchicalIDF:
     """Train and export ``out`` (safetensors). A checkpoint ``out + '.ckpt'`` allows ``resume``."""
     tc = train_config
@@ -117,7 +139,10 @@ def train(model_config: IDFConfig, train_config: TrainConfig, data: list[str | P
         raise ValueError(f"need more than {tc.val_images} images, found {len(images)}")
     train_imgs, val_imgs = images[:-tc.val_images], images[-tc.val_images:]
     log(f"{len(train_imgs)} training images, {len(val_imgs)} validation images")
-    model = HierarchicalIDF(model_config).to(device)
+    model = HierarchicalIDF(model_config)
+    if init_from and not resume:
+        log(f"warm start from {init_from}: {warm_start(model, init_from)} tensors copied")
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     step = 0
     ckpt = Path(str(out) + ".ckpt")

@@ -8,12 +8,12 @@ folder, installed as the package ``idfzip._models``. ``--model`` accepts a shipp
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
-import importlib.util
 from pathlib import Path
 
 import torch

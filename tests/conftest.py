@@ -36,6 +36,11 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_ar(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models"), "tinyar", channel_ar=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_bipartite(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("models"), "tinybi", coupling="bipartite", init="identity",
                       coupling_hidden=4, steps=2)

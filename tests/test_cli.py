@@ -7,11 +7,10 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import SHARED, assert_same, photo
 from PIL import Image
 
 from idfzip.cli import cli
-
-from conftest import SHARED, assert_same, photo
 
 
 @pytest.fixture()

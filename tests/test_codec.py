@@ -3,12 +3,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import make_model, photo, roundtrip
 from PIL import Image
 
 import idfzip
 from idfzip.errors import CorruptFileError, ModelMismatchError
-
-from conftest import make_model, photo, roundtrip
 
 
 @pytest.mark.parametrize("w,h", [(1, 1), (1, 9), (9, 1), (65, 257), (33, 31), (100, 64)])
@@ -26,6 +25,11 @@ def test_flow_is_used_and_its_nll_is_reported(tiny):
 
 def test_bipartite_model_round_trip(tiny_bipartite):
     roundtrip(Image.fromarray(photo(70, 45, seed=3)), tiny_bipartite)
+
+
+def test_channel_autoregressive_model_round_trip(tiny_ar):
+    assert tiny_ar.flow.n_ar == 3
+    roundtrip(Image.fromarray(photo(90, 66, seed=8)), tiny_ar, tile=64)
 
 
 def _modes():

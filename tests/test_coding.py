@@ -32,7 +32,7 @@ def test_tables_are_distributions_and_sum_to_one():
         pos = torch.nonzero(cls == k).flatten()
         t = mix.take(pos).table(centre[pos], WIDTHS[k])
         assert (t >= 0).all()
-        assert torch.allclose(t[:, :-1].sum(1) + t[:, -1], torch.ones(len(pos), dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(t[:, :-1].sum(1) + t[:, -1], torch.ones(len(pos)), atol=1e-5)
 
 
 def test_table_matches_training_likelihood():
@@ -76,7 +76,7 @@ def test_bit_stream_is_stable():
     enc.push(z, mix)
     data = enc.finish()
     assert len(data) == 1396
-    assert hashlib.sha256(data).hexdigest()[:16] == "0ca92922dd790549"
+    assert hashlib.sha256(data).hexdigest()[:16] == "4105717486abe4c0"
 
 
 def test_truncated_or_wrong_streams_are_errors():

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from idfzip.flows import HierarchicalIDF, IDFConfig
+from idfzip.flows import HierarchicalIDF, IDFConfig, nets
 from idfzip.flows.layers import Coupling, Permute, bipartite_updates, quad_updates, squeeze, unsqueeze
-from idfzip.flows import nets
 from idfzip.flows.nets import ConvNet
 
 
@@ -109,8 +108,9 @@ def test_weight_out_of_range_is_refused():
         net.freeze()
 
 
-def test_training_loss_is_finite_and_differentiable():
-    flow = HierarchicalIDF(IDFConfig(levels=2, prior_hidden=4, coupling_hidden=4))
+@pytest.mark.parametrize("ar", [False, True])
+def test_training_loss_is_finite_and_differentiable(ar):
+    flow = HierarchicalIDF(IDFConfig(levels=2, prior_hidden=4, coupling_hidden=4, channel_ar=ar))
     x = rand_ints(2, 3, 16, 16, lo=0, hi=256).float()
     bits = flow(x)
     bits.backward()

@@ -28,6 +28,8 @@ from ..priors import nll_bits
 from .layers import Coupling, Permute, bipartite_updates, init_lifting, init_rct, quad_updates, squeeze, unsqueeze
 from .nets import ConvNet
 
+AR_SCALE = 2.0**-6
+
 
 @dataclass(frozen=True)
 class IDFConfig:
@@ -45,6 +47,7 @@ class IDFConfig:
     prior_hidden: int = 48
     prior_layers: int = 2
     mixtures: int = 3
+    channel_ar: bool = False  # within a slot, channel c's means also depend linearly on channels < c there
     seed: int = 0
 
     def __post_init__(self):
@@ -62,7 +65,7 @@ class IDFConfig:
             raise ValueError("levels must be 1..8, steps and mixtures at least 1")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "IDFConfig":
+    def from_dict(cls, d: dict) -> IDFConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -104,10 +107,18 @@ class HierarchicalIDF(nn.Module):
                 coups.append(coup)
             self.perms.append(perms)
             self.couplings.append(coups)
+        self.n_ar = C * (C - 1) // 2 if cfg.channel_ar else 0
         self.priors = nn.ModuleList(
-            nn.ModuleList(ConvNet((1 + j) * C, 3 * K * C, cfg.prior_hidden, cfg.prior_layers, 3, zero_out=False)
+            nn.ModuleList(ConvNet((1 + j) * C, 3 * K * C + self.n_ar, cfg.prior_hidden, cfg.prior_layers, 3,
+                                  zero_out=False)
                           for j in range(3))
             for _ in range(cfg.levels))
+        if self.n_ar:  # start with no channel dependence
+            with torch.no_grad():
+                for net in (n for level in self.priors for n in level):
+                    for conv in ([net.linear] if net.linear is not None else []) + [net.convs[-1]]:
+                        conv.weight[-self.n_ar:] = 0.0
+                        conv.bias[-self.n_ar:] = 0.0
         top = torch.zeros(C, 3, K)
         top[:, 1] = torch.linspace(-64, 64, K) if K > 1 else 0.0
         top[:, 2] = 4.0
@@ -136,7 +147,12 @@ class HierarchicalIDF(nn.Module):
             ctx = kept
             for j in range(3):
                 zj = z[:, j * C:(j + 1) * C]
-                bits = bits + nll_bits(zj, self.priors[level][j](ctx), K)
+                raw = self.priors[level][j](ctx)
+                if self.n_ar:
+                    for c in range(C):
+                        bits = bits + nll_bits(zj[:, c:c + 1], self.channel_raw(raw, c, zj[:, :c]), K)
+                else:
+                    bits = bits + nll_bits(zj, raw, K)
                 ctx = torch.cat([ctx, zj], 1)
             x = kept
         bits = bits + nll_bits(x, self.top_raw(x.shape), K)
@@ -144,7 +160,7 @@ class HierarchicalIDF(nn.Module):
 
     # ------------------------------------------------------------------ coding (int64, exact)
     def top_raw(self, shape) -> torch.Tensor:
-        B, C, h, w = shape
+        B, _, h, w = shape
         return self.top.view(1, -1, 1, 1).expand(B, -1, h, w)
 
     def color_encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +182,23 @@ class HierarchicalIDF(nn.Module):
         for perm, coup in reversed(list(zip(self.perms[level], self.couplings[level]))):
             y = perm.decode(coup.decode(y))
         return unsqueeze(y)
+
+    def channel_raw(self, raw: torch.Tensor, c: int, prev: torch.Tensor) -> torch.Tensor:
+        """Mixture parameters (B, 3K, h, w) of channel c of a slot, given that slot's channels < c (``prev``).
+
+        With ``channel_ar`` the means of channel c are shifted by sum_{c' < c} a_{c,c'} z_{c'} (PixelCNN++'s
+        linear channel dependence), the coefficients a being the last C(C-1)/2 network outputs times AR_SCALE. In the exact
+        path the coefficients lie on a fixed-point grid and z are integers, so the shift is exact too.
+        """
+        K = self.config.mixtures
+        out = raw[:, c * 3 * K:(c + 1) * 3 * K]
+        if not self.n_ar or c == 0:
+            return out
+        # scaled by 2**-6 (exact) so that training moves the coefficients gently; bounded to [-2, 2]
+        coef = torch.clamp(raw[:, 3 * K * self.config.channels:] * AR_SCALE, -2.0, 2.0)
+        first = c * (c - 1) // 2  # coefficients of channel c start here
+        shift = (coef[:, first:first + c] * prev.to(coef.dtype)).sum(1, keepdim=True)
+        return torch.cat([out[:, :K], out[:, K:2 * K] + shift, out[:, 2 * K:]], 1)
 
     def prior_raw(self, level: int, slot: int, ctx: torch.Tensor) -> torch.Tensor:
         """Exact mixture parameters of slot ``slot`` of z_level given ctx = [kept, slots < slot]."""
