@@ -60,11 +60,13 @@ class Reader:
 
     def varint(self, max_bytes: int = 5) -> int:
         n = shift = 0
-        for _ in range(max_bytes):
+        for i in range(max_bytes):
             b = self.u8()
             n |= (b & 0x7F) << shift
             shift += 7
             if not b & 0x80:
+                if b == 0 and i > 0:
+                    raise CorruptFileError(f"{self.what} has a non-minimal length field")
                 return n
         raise CorruptFileError(f"{self.what} has an invalid length field")
 
@@ -139,6 +141,8 @@ class Container:
                 mode = r.take(r.u8()).decode("ascii")
             except UnicodeDecodeError:
                 raise CorruptFileError("invalid image mode") from None
+            if mode in MODES or not mode:
+                raise CorruptFileError("invalid image mode")
         elif code < len(MODES):
             mode = MODES[code]
         else:
@@ -170,6 +174,8 @@ class Container:
             c.rest = r.blob()
         if flags & FLAG_META:
             c.meta = r.blob()
+            if not c.meta:
+                raise CorruptFileError("empty metadata section")
         (c.crc32,) = struct.unpack("<I", r.take(4))
         if r.remaining():
             raise CorruptFileError(f"{r.remaining()} unexpected bytes after the end of the data")

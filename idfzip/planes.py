@@ -67,8 +67,12 @@ def encode_meta(im: Image.Image) -> bytes:
 
 def apply_meta(im: Image.Image, meta: bytes | None) -> Image.Image:
     r = Reader(meta or b"", "image metadata")
+    last = 0
     while r.remaining():
         tag = r.u8()
+        if tag <= last:  # tags are written once each, in increasing order
+            raise CorruptFileError("invalid image metadata")
+        last = 4 if tag in (2, 3, 4) else tag  # 2, 3 and 4 are alternatives: one transparency
         if tag == 1:
             raw = r.u8()
             if raw >= len(_PALETTE_RAWMODES) or im.mode not in ("P", "PA"):
@@ -183,7 +187,7 @@ def decode_rest(method: int, data: bytes, mode: str, size: tuple[int, int]) -> I
             raw = d.decompress(data, max_length=n + 1)
         except lzma.LZMAError:
             raise CorruptFileError("corrupted compressed plane") from None
-        if len(raw) != n:
+        if len(raw) != n or not d.eof or d.unused_data:
             raise CorruptFileError("compressed plane has the wrong size")
     elif method == REST_PNG:
         try:

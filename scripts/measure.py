@@ -26,6 +26,7 @@ if __name__ == "__main__":
     ap.add_argument("--model", default=None)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--decode-threads", type=int, default=0, help="decode with this many threads (default: same)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -35,15 +36,20 @@ if __name__ == "__main__":
         files = files[:a.limit]
     tot = {"bytes": 0, "sub": 0, "nll": 0.0, "enc": 0.0, "dec": 0.0}
     bad = 0
-    print(f"model {model.name} sha256 {model.sha256.hex()[:16]}, {torch.get_num_threads()} threads")
+    print(f"model {model.name} sha256 {model.sha256.hex()[:16]}, encode threads {torch.get_num_threads()}, "
+          f"decode threads {a.decode_threads or torch.get_num_threads()}")
     print(f"{'image':<16}{'size':>11}{'bytes':>10}{'bpd':>8}{'nll bpd':>9}{'enc s':>8}{'dec s':>8}")
     for f in files:
         im = open_image(f)
         t0 = time.perf_counter()
         data, st = idfzip.compress_with_stats(im, model)
+        enc_threads = torch.get_num_threads()
+        if a.decode_threads:
+            torch.set_num_threads(a.decode_threads)
         t1 = time.perf_counter()
         back = idfzip.decompress(data, model)
         t2 = time.perf_counter()
+        torch.set_num_threads(enc_threads)
         ok = same_image(im, back)
         bad += not ok
         tot["bytes"] += st.bytes

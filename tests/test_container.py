@@ -59,3 +59,12 @@ def test_tile_count_larger_than_the_file_is_refused():
     head = b"IDZ\x01\x00" + write_varint(1 << 14) + write_varint(1 << 14) + b"\x01" + b"\x01n" + b"abcd" + b"\x01"
     with pytest.raises(CorruptFileError, match="truncated"):
         Container.from_bytes(head + b"\0" * 100)
+
+
+def test_non_canonical_encodings_are_refused():
+    good = Container("L", 3, 2, rest_method=2, rest=b"zz").to_bytes()
+    assert Container.from_bytes(good).width == 3
+    with pytest.raises(CorruptFileError, match="non-minimal"):
+        Container.from_bytes(good[:5] + b"\x83\x00" + good[6:])  # width 3 written in two bytes
+    with pytest.raises(CorruptFileError, match="mode"):
+        Container.from_bytes(good[:4] + b"\xff\x01L" + good[5:])  # a mode with a code, spelt out
