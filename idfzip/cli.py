@@ -35,6 +35,12 @@ def _progress(total: int, desc: str):
                 disable=not sys.stderr.isatty(), file=sys.stderr)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the target folder, then rename: no partial output, ever."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +48,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a new file should follow the umask
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptFileError
-from .priors import WIDTHS, Mixture
+from .priors import WIDTHS, Mixture, one_thread
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 _U16 = constriction.stream.model.Uniform(1 << 16)
@@ -50,6 +50,10 @@ class Encoder:
 
     def push(self, z: torch.Tensor, mix: Mixture) -> None:
         """Encode the symbols z (any shape, flattened) of one segment."""
+        with one_thread():
+            self._push(z, mix)
+
+    def _push(self, z: torch.Tensor, mix: Mixture) -> None:
         z = z.reshape(-1).long().cpu()
         if z.numel() != len(mix):
             raise ValueError("symbol count does not match the parameters")
@@ -95,6 +99,10 @@ class Decoder:
 
     def pop(self, mix: Mixture) -> torch.Tensor:
         """Decode one segment: len(mix) symbols, in the order they were given to ``Encoder.push``."""
+        with one_thread():
+            return self._pop(mix)
+
+    def _pop(self, mix: Mixture) -> torch.Tensor:
         n = len(mix)
         centre, plan = _plan(mix)
         z = torch.empty(n, dtype=torch.long)

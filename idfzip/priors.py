@@ -10,6 +10,7 @@ Network outputs are laid out per target channel as [logits(K), means(K), log-sca
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,25 @@ LOG_SCALE_MAX = 9.0
 WIDTHS = (12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 TAIL_MASS = 2.0**-17
 ESCAPE_FLOOR = 2.0**-22
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread inside: the table arithmetic must not depend on the thread count.
+
+    torch splits large element-wise operations across threads, and each piece ends in a scalar tail whose
+    sigmoid/exp can differ from the vectorised one by an ulp: with another thread count the pieces, and so
+    a few table entries, change. On one thread every element takes the same path in encoder and decoder.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def split_params(raw: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,12 +83,14 @@ class Mixture:
 
     def __init__(self, raw: torch.Tensor, K: int):
         logits, mu, log_s = split_params(raw.detach().double(), K)
-        # (B, C, K, H, W) -> (B, C, H, W, K) -> (n, K): symbol order is z.flatten() order
-        def flat(t):
+
+        def flat(t):  # (B, C, K, H, W) -> (B, C, H, W, K) -> (n, K): symbol order is z.flatten() order
             return t.permute(0, 1, 3, 4, 2).reshape(-1, K).cpu()
-        self.weights = torch.softmax(flat(logits), dim=1)
-        self.means = flat(mu)
-        self.scales = torch.exp(flat(log_s))
+
+        with one_thread():
+            self.weights = torch.softmax(flat(logits), dim=1)
+            self.means = flat(mu)
+            self.scales = torch.exp(flat(log_s))
 
     @classmethod
     def from_tensors(cls, weights, means, scales) -> Mixture:

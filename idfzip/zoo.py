@@ -89,6 +89,9 @@ def save_model(flow: HierarchicalIDF, path: str | Path, name: str, extra: dict |
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
     return hashlib.sha256(data).digest()
 

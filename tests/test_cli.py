@@ -149,3 +149,14 @@ def test_pngsuite_through_the_cli_with_the_shipped_model(tmp_path):
     lines = r.output.strip().splitlines()
     assert len(lines) == len(corrupt) and all(line.startswith("Error: ") for line in lines)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_outputs_follow_the_umask(run, tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(photo(16, 16)).save(src)
+    old = os.umask(0o022)
+    try:
+        assert run("compress", src).exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.idfz").stat().st_mode & 0o777 == 0o644

@@ -97,14 +97,17 @@ def test_tiles_grouped_differently(tiny, tile):
     assert idfzip.inspect(data)["tiles"] == -(-150 // tile) * -(-70 // tile)
 
 
-def test_encode_with_two_threads_decode_with_one(tiny):
-    im = Image.fromarray(photo(160, 96, seed=4))
+@pytest.mark.parametrize("enc,dec", [(2, 1), (1, 2)])
+def test_thread_count_does_not_change_the_bits(tiny_ar, enc, dec):
+    """Large enough that torch splits the table arithmetic across threads when it is allowed to."""
+    im = Image.fromarray(photo(384, 256, seed=4))
     n = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        data = idfzip.compress(im, tiny, tile=64)
-        torch.set_num_threads(1)
-        assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
+        torch.set_num_threads(enc)
+        data = idfzip.compress(im, tiny_ar, tile=256)
+        torch.set_num_threads(dec)
+        assert idfzip.compress(im, tiny_ar, tile=256) == data
+        assert idfzip.decompress(data, tiny_ar).tobytes() == im.tobytes()
     finally:
         torch.set_num_threads(n)
 
