@@ -30,7 +30,7 @@ WEIGHT_INT_BITS = 4  # |w| < 16
 ACT_FRAC_BITS = 12
 ACT_INT_BITS = 12  # hidden activations in [-4096, 4096]
 _MANTISSA = 53
-STRIP_POSITIONS = 1 << 16  # rows per strip are chosen so a strip holds about this many positions
+STRIP_POSITIONS = 1 << 14  # rows per strip are chosen so a strip holds about this many positions
 
 
 def _quantize_weight(w: torch.Tensor, frac_bits: int = WEIGHT_FRAC_BITS) -> torch.Tensor:
