@@ -1,8 +1,8 @@
 """idfzip: lossless image compression with integer discrete flows.
 
-    >>> import idfzip
-    >>> data = idfzip.compress(image)      # PIL image or numpy array -> .idfz bytes
-    >>> idfzip.decompress(data)            # -> PIL image, pixel-identical
+>>> import idfzip
+>>> data = idfzip.compress(image)      # PIL image or numpy array -> .idfz bytes
+>>> idfzip.decompress(data)            # -> PIL image, pixel-identical
 """
 
 from .codec import compress, compress_with_stats, decompress, inspect
@@ -10,14 +10,14 @@ from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatc
 
 __version__ = "0.1.0"
 __all__ = [
-           "CorruptFileError",
-           "IdfzipError",
-           "InputImageError",
-           "ModelMismatchError",
-           "ModelNotFoundError",
-           "__version__",
-           "compress",
-           "compress_with_stats",
-           "decompress",
-           "inspect",
+    "CorruptFileError",
+    "IdfzipError",
+    "InputImageError",
+    "ModelMismatchError",
+    "ModelNotFoundError",
+    "__version__",
+    "compress",
+    "compress_with_stats",
+    "decompress",
+    "inspect",
 ]

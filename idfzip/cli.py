@@ -20,8 +20,16 @@ from .imagefile import open_image
 from .planes import same_image
 
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
-LOSSLESS_SUFFIXES = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".webp": "WEBP",
-                     ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM"}
+LOSSLESS_SUFFIXES = {
+    ".png": "PNG",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".ppm": "PPM",
+    ".pgm": "PPM",
+    ".pbm": "PPM",
+}
 
 
 class Failure(Exception):
@@ -31,8 +39,15 @@ class Failure(Exception):
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="px", unit_scale=True, leave=False,
-                disable=not sys.stderr.isatty(), file=sys.stderr)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="px",
+        unit_scale=True,
+        leave=False,
+        disable=not sys.stderr.isatty(),
+        file=sys.stderr,
+    )
 
 
 def _umask() -> int:
@@ -75,8 +90,10 @@ def _targets(inputs: tuple[str, ...], output: str | None, out_dir: str | None, s
 def _save_image(im: Image.Image, path: Path) -> None:
     fmt = LOSSLESS_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
-        raise Failure(f"{path}: unsupported output format {path.suffix!r} (lossless formats: "
-                      f"{', '.join(sorted(LOSSLESS_SUFFIXES))})")
+        raise Failure(
+            f"{path}: unsupported output format {path.suffix!r} (lossless formats: "
+            f"{', '.join(sorted(LOSSLESS_SUFFIXES))})"
+        )
     params = {"format": fmt}
     if fmt == "WEBP":
         params.update(lossless=True, quality=100, exact=True)
@@ -121,10 +138,20 @@ def _run_each(pairs, fn) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="idfzip")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores).")
-@click.option("--model", "model", default=None, metavar="NAME_OR_PATH",
-              help=f"Model name or .safetensors path (default: {zoo.DEFAULT_MODEL}; decompress: the file's).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where the networks run (their arithmetic is exact fixed point, so the file does not depend on it).")
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    metavar="NAME_OR_PATH",
+    help=f"Model name or .safetensors path (default: {zoo.DEFAULT_MODEL}; decompress: the file's).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the networks run (their arithmetic is exact fixed point, so the file does not depend on it).",
+)
 @click.pass_context
 def cli(ctx, threads, model, device):
     """idfzip: lossless image compression with integer discrete flows."""
@@ -144,8 +171,13 @@ def _model(ctx):
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input only).")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("--tile", type=click.IntRange(1, 1 << 14), default=codec.DEFAULT_TILE, show_default=True,
-              help="Tile side in pixels (a multiple of the model's 2**levels).")
+@click.option(
+    "--tile",
+    type=click.IntRange(1, 1 << 14),
+    default=codec.DEFAULT_TILE,
+    show_default=True,
+    help="Tile side in pixels (a multiple of the model's 2**levels).",
+)
 @click.option("--verify", is_flag=True, help="Decode the result and confirm it is identical before writing it.")
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bits per sub-pixel, model NLL and time.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -161,8 +193,9 @@ def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
             state["model"] = _model(ctx)
         t0 = time.perf_counter()
         with _progress(im.width * im.height, src.name) as bar:
-            data, st = codec.compress_with_stats(im, state["model"], tile=tile, device=ctx.obj["device"],
-                                                 progress=bar.update)
+            data, st = codec.compress_with_stats(
+                im, state["model"], tile=tile, device=ctx.obj["device"], progress=bar.update
+            )
         dt = time.perf_counter() - t0
         if verify:
             back = codec.decompress(data, state["model"], device=ctx.obj["device"])
@@ -194,8 +227,12 @@ def _default_suffix(src: Path) -> str:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Output image (one input only); format from the suffix: .png .tif .bmp .webp .ppm.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Output image (one input only); format from the suffix: .png .tif .bmp .webp .ppm.",
+)
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what was decoded and the time taken.")

@@ -69,12 +69,12 @@ def _encode_tile(model: Model, rgb: np.ndarray, device: str) -> tuple[bytes, flo
         ctx, raws = kept, []
         for j in range(3):
             raws.append(flow.prior_raw(level, j, ctx))
-            ctx = torch.cat([ctx, z[:, j * C:(j + 1) * C]], 1)
+            ctx = torch.cat([ctx, z[:, j * C : (j + 1) * C]], 1)
         for j in reversed(range(3)):  # ANS is a stack: push in the reverse of the decoding order
-            zj = z[:, j * C:(j + 1) * C]
+            zj = z[:, j * C : (j + 1) * C]
             if flow.n_ar:
                 for c in reversed(range(C)):
-                    enc.push(zj[:, c:c + 1], Mixture(flow.channel_raw(raws[j], c, zj[:, :c]), K))
+                    enc.push(zj[:, c : c + 1], Mixture(flow.channel_raw(raws[j], c, zj[:, :c]), K))
             else:
                 enc.push(zj, Mixture(raws[j], K))
         x = kept
@@ -101,7 +101,7 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str) -> np.n
                 zj = torch.zeros(shape, dtype=torch.long, device=device)
                 for c in range(C):
                     mix = Mixture(flow.channel_raw(raw, c, zj[:, :c]), K)
-                    zj[:, c:c + 1] = dec.pop(mix).view(one).to(device)
+                    zj[:, c : c + 1] = dec.pop(mix).view(one).to(device)
             else:
                 zj = dec.pop(Mixture(raw, K)).view(shape).to(device)
             zs.append(zj)
@@ -114,12 +114,13 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str) -> np.n
     return x[0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
 
 
-def _encode_rgb(model: Model, rgb: np.ndarray, tile: int, device: str,
-                progress: Callable[[int], None] | None) -> tuple[list[bytes], float]:
+def _encode_rgb(
+    model: Model, rgb: np.ndarray, tile: int, device: str, progress: Callable[[int], None] | None
+) -> tuple[list[bytes], float]:
     h, w = rgb.shape[:2]
     streams, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
-        s, b = _encode_tile(model, rgb[y:y + th, x:x + tw], device)
+        s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device)
         streams.append(s)
         bits += b
         if progress:
@@ -127,15 +128,21 @@ def _encode_rgb(model: Model, rgb: np.ndarray, tile: int, device: str,
     return streams, bits
 
 
-def compress_with_stats(image, model: str | Model | None = None, tile: int = DEFAULT_TILE,
-                        device: str = "cpu", progress: Callable[[int], None] | None = None
-                        ) -> tuple[bytes, Stats]:
+def compress_with_stats(
+    image,
+    model: str | Model | None = None,
+    tile: int = DEFAULT_TILE,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[bytes, Stats]:
     """Compress ``image`` (PIL image or numpy array); return the .idfz bytes and what was measured."""
     im = as_image(image)
     im.load()
     if not (1 <= im.width <= MAX_SIDE and 1 <= im.height <= MAX_SIDE) or im.width * im.height > MAX_PIXELS:
-        raise InputImageError(f"image size {im.width}x{im.height} is outside what .idfz stores "
-                              f"(sides 1..{MAX_SIDE}, at most {MAX_PIXELS} pixels)")
+        raise InputImageError(
+            f"image size {im.width}x{im.height} is outside what .idfz stores "
+            f"(sides 1..{MAX_SIDE}, at most {MAX_PIXELS} pixels)"
+        )
     if not 1 <= tile <= MAX_TILE:
         raise ValueError(f"tile size must be 1..{MAX_TILE}")
     mdl = model if isinstance(model, Model) else None
@@ -174,8 +181,9 @@ def compress(image, model: str | Model | None = None, tile: int = DEFAULT_TILE, 
     return compress_with_stats(image, model, tile, device)[0]
 
 
-def decompress(data: bytes, model: str | Model | None = None, device: str = "cpu",
-               progress: Callable[[int], None] | None = None) -> Image.Image:
+def decompress(
+    data: bytes, model: str | Model | None = None, device: str = "cpu", progress: Callable[[int], None] | None = None
+) -> Image.Image:
     """Decode .idfz bytes. ``model`` defaults to the one named in the file."""
     c = Container.from_bytes(bytes(data))
     rgb = rest = None
@@ -184,14 +192,15 @@ def decompress(data: bytes, model: str | Model | None = None, device: str = "cpu
         if mdl.sha256[:MODEL_HASH_BYTES] != c.model_hash:
             raise ModelMismatchError(
                 f"file was written with model {c.model_name!r} ({c.model_hash.hex()}), "
-                f"available model {mdl.name!r} is {mdl.sha256[:MODEL_HASH_BYTES].hex()}")
+                f"available model {mdl.name!r} is {mdl.sha256[:MODEL_HASH_BYTES].hex()}"
+            )
         if c.tile % mdl.flow.multiple:
             raise CorruptFileError(f"tile size {c.tile} does not suit model {mdl.name}")
         if c.mode not in ("RGB", "RGBA"):
             raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
         rgb = np.empty((c.height, c.width, 3), dtype=np.uint8)
         for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile), c.tiles):
-            rgb[y:y + th, x:x + tw] = _decode_tile(mdl, t, tw, th, device)
+            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device)
             if progress:
                 progress(tw * th)
     if c.rest is not None:
@@ -202,8 +211,9 @@ def decompress(data: bytes, model: str | Model | None = None, device: str = "cpu
     im = merge(c.mode, (c.width, c.height), rgb, rest)
     im = apply_meta(im, c.meta)
     if signature(im, c.meta or b"") != c.crc32:
-        raise CorruptFileError("CRC mismatch: decoded pixels differ from the original (corrupted file or "
-                               "non-reproducible decoding)")
+        raise CorruptFileError(
+            "CRC mismatch: decoded pixels differ from the original (corrupted file or non-reproducible decoding)"
+        )
     return im
 
 
@@ -216,9 +226,17 @@ def inspect(data: bytes) -> dict:
         bands = 1
     n = c.width * c.height * bands
     return {
-        "mode": c.mode, "width": c.width, "height": c.height, "bytes": len(data),
-        "bpd": 8.0 * len(data) / n, "model": c.model_name, "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
-        "tile": c.tile or None, "tiles": len(c.tiles), "flow_bytes": sum(len(t) for t in c.tiles),
+        "mode": c.mode,
+        "width": c.width,
+        "height": c.height,
+        "bytes": len(data),
+        "bpd": 8.0 * len(data) / n,
+        "model": c.model_name,
+        "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
+        "tile": c.tile or None,
+        "tiles": len(c.tiles),
+        "flow_bytes": sum(len(t) for t in c.tiles),
         "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},
-        "meta_bytes": len(c.meta or b""), "crc32": f"{c.crc32:08x}",
+        "meta_bytes": len(c.meta or b""),
+        "crc32": f"{c.crc32:08x}",
     }

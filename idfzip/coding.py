@@ -74,7 +74,7 @@ class Encoder:
                 ops.append((s.numpy().astype(np.int32), probs.numpy()))
         esc_pos = torch.cat(escapes) if escapes else torch.zeros(0, dtype=torch.long)
         if esc_pos.numel():
-            raw = (z[esc_pos] - centre[esc_pos] + _RAW_BIAS)
+            raw = z[esc_pos] - centre[esc_pos] + _RAW_BIAS
             if bool(((raw < 0) | (raw >= 1 << 32)).any()):
                 raise ValueError("latent out of the codable range")
             words = torch.stack([raw >> 16, raw & 0xFFFF], 1).reshape(-1).numpy().astype(np.int32)

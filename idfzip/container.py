@@ -21,8 +21,28 @@ MODEL_HASH_BYTES = 4
 FLAG_FLOW, FLAG_REST, FLAG_META = 1, 2, 4
 
 # Mode codes: never renumber, only append (a code is the byte written in every existing file).
-MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "1", "I;16", "I", "F", "CMYK", "YCbCr", "LAB", "HSV", "RGBX",
-         "I;16B", "I;16L", "I;16N", "La", "RGBa")
+MODES = (
+    "RGB",
+    "RGBA",
+    "L",
+    "LA",
+    "P",
+    "PA",
+    "1",
+    "I;16",
+    "I",
+    "F",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "RGBX",
+    "I;16B",
+    "I;16L",
+    "I;16N",
+    "La",
+    "RGBa",
+)
 MODE_OTHER = 255
 
 # Codings of the rest part (anything not coded by the flow).
@@ -51,7 +71,7 @@ class Reader:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise CorruptFileError(f"{self.what} is truncated")
-        b = self.data[self.pos:self.pos + n]
+        b = self.data[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -108,8 +128,11 @@ class Container:
             m = self.mode.encode("ascii")
             out += bytes([MODE_OTHER, len(m)]) + m
         out += write_varint(self.width) + write_varint(self.height)
-        flags = (FLAG_FLOW if self.tiles else 0) | (FLAG_REST if self.rest is not None else 0) | (
-            FLAG_META if self.meta else 0)
+        flags = (
+            (FLAG_FLOW if self.tiles else 0)
+            | (FLAG_REST if self.rest is not None else 0)
+            | (FLAG_META if self.meta else 0)
+        )
         out.append(flags)
         if self.tiles:
             name = self.model_name.encode("utf-8")

@@ -24,13 +24,13 @@ def check_png_chunks(data: bytes) -> None:
     while pos < len(data):
         if pos + 12 > len(data):
             raise InputImageError("PNG is truncated")
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
         end = pos + 12 + n
         if end > len(data):
             raise InputImageError("PNG is truncated")
-        kind = data[pos + 4:pos + 8]
-        (crc,) = struct.unpack(">I", data[end - 4:end])
-        if zlib.crc32(data[pos + 4:end - 4]) != crc:
+        kind = data[pos + 4 : pos + 8]
+        (crc,) = struct.unpack(">I", data[end - 4 : end])
+        if zlib.crc32(data[pos + 4 : end - 4]) != crc:
             raise InputImageError(f"PNG chunk {kind.decode('latin-1')!r} has a bad CRC (damaged file)")
         pos = end
         if kind == b"IEND":

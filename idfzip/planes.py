@@ -104,8 +104,7 @@ def signature(im: Image.Image, meta: bytes) -> int:
 
 
 def same_image(a: Image.Image, b: Image.Image) -> bool:
-    return (a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
-            and encode_meta(a) == encode_meta(b))
+    return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes() and encode_meta(a) == encode_meta(b)
 
 
 # ---------------------------------------------------------------------------------------------- split

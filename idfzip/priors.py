@@ -126,10 +126,10 @@ class Mixture:
         j = torch.arange(width + 1, dtype=f)[None, :]
         cdf = torch.zeros(n, width + 1, dtype=f)
         for k in range(w.shape[1]):
-            x = j * inv_s[:, k:k + 1]
-            x.add_(off[:, k:k + 1])
+            x = j * inv_s[:, k : k + 1]
+            x.add_(off[:, k : k + 1])
             torch.sigmoid_(x)
-            cdf.addcmul_(x, w[:, k:k + 1])
+            cdf.addcmul_(x, w[:, k : k + 1])
         probs = torch.empty(n, width + 1, dtype=f)
         torch.sub(cdf[:, 1:], cdf[:, :-1], out=probs[:, :width])
         probs[:, :width].clamp_(min=0.0)

@@ -79,7 +79,7 @@ def _crops(images: list[np.ndarray], n: int, size: int, rng: np.random.Generator
             im = np.pad(im, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="edge")
             h, w = im.shape[:2]
         y, x = rng.integers(h - size + 1), rng.integers(w - size + 1)
-        c = im[y:y + size, x:x + size]
+        c = im[y : y + size, x : x + size]
         if rng.random() < 0.5:
             c = c[:, ::-1]
         batch[i] = c
@@ -97,7 +97,7 @@ def evaluate(model: HierarchicalIDF, images: list[np.ndarray], size: int = 256) 
             if s == 0:
                 continue
             y, x = (h - s) // 2, (w - s) // 2
-            t = torch.from_numpy(im[y:y + s, x:x + s].copy()).permute(2, 0, 1)[None].float()
+            t = torch.from_numpy(im[y : y + s, x : x + s].copy()).permute(2, 0, 1)[None].float()
             bits += float(model(t))
             n += t.numel()
     return bits / max(n, 1)
@@ -120,14 +120,22 @@ def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
                 v.copy_(w)
                 n += 1
             elif w.ndim == v.ndim and w.shape[1:] == v.shape[1:] and w.shape[0] < v.shape[0]:
-                v[:w.shape[0]] = w
+                v[: w.shape[0]] = w
                 n += 1
     return n
 
 
-def train(model_config: IDFConfig, train_config: TrainConfig, data: list[str | Path], out: str | Path,
-          name: str, resume: str | Path | None = None, device: str = "cpu", init_from: str | Path | None = None,
-          log: Callable[[str], None] = print) -> HierarchicalIDF:
+def train(
+    model_config: IDFConfig,
+    train_config: TrainConfig,
+    data: list[str | Path],
+    out: str | Path,
+    name: str,
+    resume: str | Path | None = None,
+    device: str = "cpu",
+    init_from: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> HierarchicalIDF:
     """Train and export ``out`` (safetensors). A checkpoint ``out + '.ckpt'`` allows ``resume``."""
     tc = train_config
     if tc.threads:
@@ -137,7 +145,7 @@ def train(model_config: IDFConfig, train_config: TrainConfig, data: list[str | P
     images = load_images(data)
     if len(images) <= tc.val_images:
         raise ValueError(f"need more than {tc.val_images} images, found {len(images)}")
-    train_imgs, val_imgs = images[:-tc.val_images], images[-tc.val_images:]
+    train_imgs, val_imgs = images[: -tc.val_images], images[-tc.val_images :]
     log(f"{len(train_imgs)} training images, {len(val_imgs)} validation images")
     model = HierarchicalIDF(model_config)
     if init_from and not resume:

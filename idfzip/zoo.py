@@ -63,8 +63,10 @@ def shipped(name: str) -> Path:
         p = d / f"{name}.safetensors"
         if p.is_file():
             return p
-    raise ModelNotFoundError(f"no shipped model named {name!r} (shipped: {', '.join(available()) or 'none'}); "
-                             "give the model file with --model")
+    raise ModelNotFoundError(
+        f"no shipped model named {name!r} (shipped: {', '.join(available()) or 'none'}); "
+        "give the model file with --model"
+    )
 
 
 def resolve(name_or_path: str | None) -> Path:
@@ -79,8 +81,12 @@ def resolve(name_or_path: str | None) -> Path:
 
 def save_model(flow: HierarchicalIDF, path: str | Path, name: str, extra: dict | None = None) -> bytes:
     """Write ``flow`` as a safetensors file (atomically); return its sha256."""
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
-            "config": json.dumps(flow.config.to_dict(), sort_keys=True)}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "config": json.dumps(flow.config.to_dict(), sort_keys=True),
+    }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}
     data = st_save(tensors, metadata=meta)
@@ -100,7 +106,7 @@ def model_from_bytes(data: bytes, name: str, path: str = "") -> Model:
     try:
         # metadata lives in the header: 8-byte little-endian length, then JSON
         n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
         tensors = st_load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise ModelNotFoundError(f"{path or name}: not a valid model file ({e})") from None
@@ -138,6 +144,7 @@ def with_device(model: Model, device: str) -> Model:
     if device != "cpu":
         if device.startswith("cuda") and not torch.cuda.is_available():
             from .errors import IdfzipError
+
             raise IdfzipError("--device cuda requested but no CUDA device is available")
         model.flow.to(device)
     return model

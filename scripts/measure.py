@@ -33,11 +33,13 @@ if __name__ == "__main__":
     model = load(a.model)
     files = sorted(p for p in Path(a.folder).rglob("*") if p.suffix.lower() in SUFFIXES)
     if a.limit:
-        files = files[:a.limit]
+        files = files[: a.limit]
     tot = {"bytes": 0, "sub": 0, "nll": 0.0, "enc": 0.0, "dec": 0.0}
     bad = 0
-    print(f"model {model.name} sha256 {model.sha256.hex()[:16]}, encode threads {torch.get_num_threads()}, "
-          f"decode threads {a.decode_threads or torch.get_num_threads()}")
+    print(
+        f"model {model.name} sha256 {model.sha256.hex()[:16]}, encode threads {torch.get_num_threads()}, "
+        f"decode threads {a.decode_threads or torch.get_num_threads()}"
+    )
     print(f"{'image':<16}{'size':>11}{'bytes':>10}{'bpd':>8}{'nll bpd':>9}{'enc s':>8}{'dec s':>8}")
     for f in files:
         im = open_image(f)
@@ -57,10 +59,15 @@ if __name__ == "__main__":
         tot["nll"] += st.nll_bits
         tot["enc"] += t1 - t0
         tot["dec"] += t2 - t1
-        print(f"{f.name:<16}{im.width:>5}x{im.height:<5}{st.bytes:>10}{st.bpd:>8.3f}{st.nll_bits / st.subpixels:>9.3f}"
-              f"{t1 - t0:>8.2f}{t2 - t1:>8.2f}{'' if ok else '  MISMATCH'}", flush=True)
+        print(
+            f"{f.name:<16}{im.width:>5}x{im.height:<5}{st.bytes:>10}{st.bpd:>8.3f}{st.nll_bits / st.subpixels:>9.3f}"
+            f"{t1 - t0:>8.2f}{t2 - t1:>8.2f}{'' if ok else '  MISMATCH'}",
+            flush=True,
+        )
     n = max(1, len(files))
-    print(f"total: {len(files)} images, {tot['bytes']} bytes, {8 * tot['bytes'] / tot['sub']:.4f} bpd, "
-          f"model NLL {tot['nll'] / tot['sub']:.4f} bpd (flow part), mean encode {tot['enc'] / n:.2f} s, "
-          f"mean decode {tot['dec'] / n:.2f} s, {'all exact' if not bad else f'{bad} MISMATCHES'}")
+    print(
+        f"total: {len(files)} images, {tot['bytes']} bytes, {8 * tot['bytes'] / tot['sub']:.4f} bpd, "
+        f"model NLL {tot['nll'] / tot['sub']:.4f} bpd (flow part), mean encode {tot['enc'] / n:.2f} s, "
+        f"mean decode {tot['dec'] / n:.2f} s, {'all exact' if not bad else f'{bad} MISMATCHES'}"
+    )
     sys.exit(1 if bad else 0)

@@ -17,8 +17,18 @@ from idfzip.flows import IDFConfig
 from idfzip.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = IDFConfig(levels=5, coupling="quad", steps=1, coupling_hidden=0, init="lifting", color="rct",
-                  prior_hidden=48, prior_layers=2, mixtures=3, channel_ar=True)
+MODEL = IDFConfig(
+    levels=5,
+    coupling="quad",
+    steps=1,
+    coupling_hidden=0,
+    init="lifting",
+    color="rct",
+    prior_hidden=48,
+    prior_layers=2,
+    mixtures=3,
+    channel_ar=True,
+)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
@@ -32,7 +42,18 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=str(ROOT / "runs" / "natural.safetensors"))
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cid22" / "training"))
     a = ap.parse_args()
-    tc = TrainConfig(crop=128, batch=8, lr=a.lr, warmup=200, decay=0.9995, min_lr=1e-4, steps=a.steps,
-                     minutes=a.minutes, val_every=250, val_images=8, threads=a.threads)
+    tc = TrainConfig(
+        crop=128,
+        batch=8,
+        lr=a.lr,
+        warmup=200,
+        decay=0.9995,
+        min_lr=1e-4,
+        steps=a.steps,
+        minutes=a.minutes,
+        val_every=250,
+        val_images=8,
+        threads=a.threads,
+    )
     model = dataclasses.replace(MODEL, channel_ar=False) if a.no_ar else MODEL
     train(model, tc, [a.data], a.out, "natural", resume=a.resume, init_from=a.init_from)

@@ -42,8 +42,9 @@ def tiny_ar(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bipartite(tmp_path_factory):
-    return make_model(tmp_path_factory.mktemp("models"), "tinybi", coupling="bipartite", init="identity",
-                      coupling_hidden=4, steps=2)
+    return make_model(
+        tmp_path_factory.mktemp("models"), "tinybi", coupling="bipartite", init="identity", coupling_hidden=4, steps=2
+    )
 
 
 def assert_same(a: Image.Image, b: Image.Image) -> None:

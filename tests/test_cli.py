@@ -18,6 +18,7 @@ def run(tiny):
     def invoke(*args, model=True):
         pre = ["--model", tiny.path] if model else []
         return CliRunner().invoke(cli, [*pre, *map(str, args)], catch_exceptions=False)
+
     return invoke
 
 
@@ -87,8 +88,12 @@ def test_corrupt_and_truncated_files_leave_no_output(run, tmp_path):
     Image.fromarray(photo(64, 64)).save(src)
     run("compress", src)
     data = (tmp_path / "a.idfz").read_bytes()
-    cases = {"trunc.idfz": data[: len(data) // 2], "flip.idfz": data[:-30] + bytes([data[-30] ^ 0xFF]) + data[-29:],
-             "empty.idfz": b"", "text.idfz": b"hello world, not a file"}
+    cases = {
+        "trunc.idfz": data[: len(data) // 2],
+        "flip.idfz": data[:-30] + bytes([data[-30] ^ 0xFF]) + data[-29:],
+        "empty.idfz": b"",
+        "text.idfz": b"hello world, not a file",
+    }
     for name, blob in cases.items():
         (tmp_path / name).write_bytes(blob)
         r = run("decompress", tmp_path / name)
@@ -105,8 +110,13 @@ def test_help_on_every_command():
 
 
 def _idfzip(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "idfzip.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, "-m", "idfzip.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def test_subprocess_errors_are_one_line_without_traceback(tiny, tmp_path):
@@ -138,7 +148,9 @@ def test_pngsuite_through_the_cli_with_the_shipped_model(tmp_path):
     runner = CliRunner()
     r = runner.invoke(cli, ["compress", "-q", "--out-dir", str(tmp_path / "z"), *map(str, valid)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli, ["decompress", "--out-dir", str(tmp_path / "back"), *map(str, sorted((tmp_path / "z").iterdir()))])
+    r = runner.invoke(
+        cli, ["decompress", "--out-dir", str(tmp_path / "back"), *map(str, sorted((tmp_path / "z").iterdir()))]
+    )
     assert r.exit_code == 0, r.output
     for f in valid:
         orig = Image.open(f)

@@ -50,7 +50,7 @@ def _modes():
     yield "RGBA", Image.fromarray(np.dstack([rgb, g]), "RGBA")
     yield "RGBA-opaque", Image.fromarray(np.dstack([rgb, np.full_like(g, 255)]), "RGBA")
     yield "I;16", Image.frombytes("I;16", (29, 37), rng.integers(0, 65536, (37, 29), dtype="<u2").tobytes())
-    yield "I", Image.fromarray(rng.integers(-2**31, 2**31, (37, 29), dtype=np.int32), "I")
+    yield "I", Image.fromarray(rng.integers(-(2**31), 2**31, (37, 29), dtype=np.int32), "I")
     yield "F", Image.fromarray(rng.normal(size=(37, 29)).astype(np.float32), "F")
     yield "CMYK", Image.fromarray(rgb).convert("CMYK")
     yield "YCbCr", Image.fromarray(rgb).convert("YCbCr")

@@ -39,14 +39,14 @@ def test_table_matches_training_likelihood():
     """The coding table's probability of a symbol equals exp(-nll) of the training formula."""
     K = 2
     raw = torch.randn(1, 3 * K, 4, 5, dtype=torch.float64)
-    raw[:, 2 * K:] = raw[:, 2 * K:].abs()  # moderate scales
+    raw[:, 2 * K :] = raw[:, 2 * K :].abs()  # moderate scales
     z = torch.randint(-3, 4, (1, 1, 4, 5))
     mix = Mixture(raw, K)
     centre, cls = mix.windows()
     bits = 0.0
     for i in range(len(mix)):
         w = WIDTHS[int(cls[i])]
-        t = mix.take(torch.tensor([i])).table(centre[i:i + 1], w)
+        t = mix.take(torch.tensor([i])).table(centre[i : i + 1], w)
         bits -= float(torch.log2(t[0, int(z.flatten()[i] - centre[i] + w // 2)]))
     assert bits == pytest.approx(float(nll_bits(z.double(), raw, K)), rel=1e-6)
 

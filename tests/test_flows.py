@@ -43,12 +43,16 @@ def test_permutation_inverts():
     assert torch.equal(p.decode(p.encode(x)), x)
 
 
-@pytest.mark.parametrize("cfg", [
-    IDFConfig(levels=3, prior_hidden=4, mixtures=2),
-    IDFConfig(levels=2, coupling="bipartite", init="identity", steps=3, coupling_hidden=5, color="none",
-              prior_hidden=4),
-    IDFConfig(levels=2, steps=2, coupling_hidden=4, prior_hidden=4),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        IDFConfig(levels=3, prior_hidden=4, mixtures=2),
+        IDFConfig(
+            levels=2, coupling="bipartite", init="identity", steps=3, coupling_hidden=5, color="none", prior_hidden=4
+        ),
+        IDFConfig(levels=2, steps=2, coupling_hidden=4, prior_hidden=4),
+    ],
+)
 def test_whole_flow_inverts(cfg):
     flow = perturbed(HierarchicalIDF(cfg), seed=3)
     x = rand_ints(1, 3, 16, 24, lo=0, hi=256, seed=5)
@@ -79,7 +83,7 @@ def test_exact_is_independent_of_strips_threads_and_batching(monkeypatch):
     monkeypatch.setattr(nets, "STRIP_POSITIONS", 50)  # strips of 1-2 rows
     strips = net.exact(x)
     assert torch.equal(full, strips)
-    one = torch.cat([net.exact(x[i:i + 1]) for i in range(2)])
+    one = torch.cat([net.exact(x[i : i + 1]) for i in range(2)])
     assert torch.equal(full, one)
     threads = torch.get_num_threads()
     try:

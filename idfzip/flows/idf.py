@@ -109,16 +109,18 @@ class HierarchicalIDF(nn.Module):
             self.couplings.append(coups)
         self.n_ar = C * (C - 1) // 2 if cfg.channel_ar else 0
         self.priors = nn.ModuleList(
-            nn.ModuleList(ConvNet((1 + j) * C, 3 * K * C + self.n_ar, cfg.prior_hidden, cfg.prior_layers, 3,
-                                  zero_out=False)
-                          for j in range(3))
-            for _ in range(cfg.levels))
+            nn.ModuleList(
+                ConvNet((1 + j) * C, 3 * K * C + self.n_ar, cfg.prior_hidden, cfg.prior_layers, 3, zero_out=False)
+                for j in range(3)
+            )
+            for _ in range(cfg.levels)
+        )
         if self.n_ar:  # start with no channel dependence
             with torch.no_grad():
                 for net in (n for level in self.priors for n in level):
                     for conv in ([net.linear] if net.linear is not None else []) + [net.convs[-1]]:
-                        conv.weight[-self.n_ar:] = 0.0
-                        conv.bias[-self.n_ar:] = 0.0
+                        conv.weight[-self.n_ar :] = 0.0
+                        conv.bias[-self.n_ar :] = 0.0
         top = torch.zeros(C, 3, K)
         top[:, 1] = torch.linspace(-64, 64, K) if K > 1 else 0.0
         top[:, 2] = 4.0
@@ -143,14 +145,14 @@ class HierarchicalIDF(nn.Module):
             x = squeeze(x)
             for perm, coup in zip(self.perms[level], self.couplings[level]):
                 x = coup(perm(x))
-            kept, z = x[:, 3 * C:], x[:, :3 * C]
+            kept, z = x[:, 3 * C :], x[:, : 3 * C]
             ctx = kept
             for j in range(3):
-                zj = z[:, j * C:(j + 1) * C]
+                zj = z[:, j * C : (j + 1) * C]
                 raw = self.priors[level][j](ctx)
                 if self.n_ar:
                     for c in range(C):
-                        bits = bits + nll_bits(zj[:, c:c + 1], self.channel_raw(raw, c, zj[:, :c]), K)
+                        bits = bits + nll_bits(zj[:, c : c + 1], self.channel_raw(raw, c, zj[:, :c]), K)
                 else:
                     bits = bits + nll_bits(zj, raw, K)
                 ctx = torch.cat([ctx, zj], 1)
@@ -175,7 +177,7 @@ class HierarchicalIDF(nn.Module):
         x = squeeze(x)
         for perm, coup in zip(self.perms[level], self.couplings[level]):
             x = coup.encode(perm.encode(x))
-        return x[:, 3 * C:], x[:, :3 * C]
+        return x[:, 3 * C :], x[:, : 3 * C]
 
     def level_decode(self, level: int, kept: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         y = torch.cat([z, kept], 1)
@@ -187,18 +189,18 @@ class HierarchicalIDF(nn.Module):
         """Mixture parameters (B, 3K, h, w) of channel c of a slot, given that slot's channels < c (``prev``).
 
         With ``channel_ar`` the means of channel c are shifted by sum_{c' < c} a_{c,c'} z_{c'} (PixelCNN++'s
-        linear channel dependence), the coefficients a being the last C(C-1)/2 network outputs times AR_SCALE. In the exact
-        path the coefficients lie on a fixed-point grid and z are integers, so the shift is exact too.
+        linear channel dependence), the coefficients a being the last C(C-1)/2 network outputs times AR_SCALE.
+        In the exact path the coefficients lie on a fixed-point grid and z are integers, so the shift is exact.
         """
         K = self.config.mixtures
-        out = raw[:, c * 3 * K:(c + 1) * 3 * K]
+        out = raw[:, c * 3 * K : (c + 1) * 3 * K]
         if not self.n_ar or c == 0:
             return out
         # scaled by 2**-6 (exact) so that training moves the coefficients gently; bounded to [-2, 2]
-        coef = torch.clamp(raw[:, 3 * K * self.config.channels:] * AR_SCALE, -2.0, 2.0)
+        coef = torch.clamp(raw[:, 3 * K * self.config.channels :] * AR_SCALE, -2.0, 2.0)
         first = c * (c - 1) // 2  # coefficients of channel c start here
-        shift = (coef[:, first:first + c] * prev.to(coef.dtype)).sum(1, keepdim=True)
-        return torch.cat([out[:, :K], out[:, K:2 * K] + shift, out[:, 2 * K:]], 1)
+        shift = (coef[:, first : first + c] * prev.to(coef.dtype)).sum(1, keepdim=True)
+        return torch.cat([out[:, :K], out[:, K : 2 * K] + shift, out[:, 2 * K :]], 1)
 
     def prior_raw(self, level: int, slot: int, ctx: torch.Tensor) -> torch.Tensor:
         """Exact mixture parameters of slot ``slot`` of z_level given ctx = [kept, slots < slot]."""

@@ -27,9 +27,9 @@ def unsqueeze(y: torch.Tensor) -> torch.Tensor:
     C = C4 // 4
     x = y.new_empty(B, C, 2 * h, 2 * w)
     x[:, :, 0::2, 0::2] = y[:, 0:C]
-    x[:, :, 0::2, 1::2] = y[:, C:2 * C]
-    x[:, :, 1::2, 0::2] = y[:, 2 * C:3 * C]
-    x[:, :, 1::2, 1::2] = y[:, 3 * C:]
+    x[:, :, 0::2, 1::2] = y[:, C : 2 * C]
+    x[:, :, 1::2, 0::2] = y[:, 2 * C : 3 * C]
+    x[:, :, 1::2, 1::2] = y[:, 3 * C :]
     return x
 
 
@@ -66,8 +66,9 @@ class Coupling(nn.Module):
     backwards, subtracting the same rounded translation, so it is exact for integer inputs.
     """
 
-    def __init__(self, channels: int, updates: list[tuple[list[int], list[int]]], hidden: int,
-                 layers: int, kernel: int):
+    def __init__(
+        self, channels: int, updates: list[tuple[list[int], list[int]]], hidden: int, layers: int, kernel: int
+    ):
         super().__init__()
         self.channels = channels
         self.targets = [list(t) for t, _ in updates]

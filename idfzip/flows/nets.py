@@ -5,9 +5,9 @@
              network arithmetic reaches the coder.
 
 Why ``exact`` is bit-exact on every machine, thread count and tile grouping: weights are rounded to
-multiples of 2**-WEIGHT_FRAC_BITS with magnitude below 2**WEIGHT_INT_BITS, inputs are integers (scaled by
-2**-IN_SHIFT in the residual branch), and every hidden activation is floored to a multiple of 2**-ACT_FRAC_BITS and clamped to
-+-2**ACT_INT_BITS. Every product and every partial sum is then a multiple of a known power of two whose
+multiples of 2**-WEIGHT_FRAC_BITS (2**-LINEAR_FRAC_BITS in the linear branch) with magnitude below
+2**WEIGHT_INT_BITS, inputs are integers (scaled by 2**-IN_SHIFT in the residual branch), and every hidden
+activation is floored to a multiple of 2**-ACT_FRAC_BITS and clamped to +-2**ACT_INT_BITS. Every product and every partial sum is then a multiple of a known power of two whose
 magnitude stays below 2**53 (checked in ``ConvNet.__init__``), so IEEE float64 computes them without any
 rounding, in any summation order, with or without FMA, on CPU or GPU. The network output is therefore an
 exact function of the integer input, and spatial chunking (``exact`` works in horizontal strips with a halo)
@@ -57,8 +57,16 @@ class ConvNet(nn.Module):
     Input: integer-valued tensor (B, in_ch, H, W). Output: (B, out_ch, H, W). No per-position parameters.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, hidden: int, layers: int = 2, kernel: int = 3,
-                 linear: bool = True, zero_out: bool = True):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        hidden: int,
+        layers: int = 2,
+        kernel: int = 3,
+        linear: bool = True,
+        zero_out: bool = True,
+    ):
         super().__init__()
         self.in_ch, self.out_ch, self.hidden, self.kernel = in_ch, out_ch, hidden, kernel
         self.linear = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2) if linear else None
@@ -162,5 +170,5 @@ class ConvNet(nn.Module):
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             a, b = max(0, r0 - halo), min(H, r1 + halo)
-            out[:, :, r0:r1] = self._exact_full(x[:, :, a:b])[:, :, r0 - a: r0 - a + (r1 - r0)]
+            out[:, :, r0:r1] = self._exact_full(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
         return out
