@@ -9,9 +9,9 @@ multiples of 2**-WEIGHT_FRAC_BITS (2**-LINEAR_FRAC_BITS in the linear branch) wi
 2**WEIGHT_INT_BITS, inputs are integers (scaled by 2**-IN_SHIFT in the residual branch), and every hidden
 activation is floored to a multiple of 2**-ACT_FRAC_BITS and clamped to +-2**ACT_INT_BITS. Every product
 and every partial sum is then a multiple of a known power of two whose magnitude stays below 2**53
-(checked in ``ConvNet.__init__``), so IEEE float64 computes them without any rounding, in any summation order, with or without FMA, on CPU or GPU. The network output is therefore an
-exact function of the integer input, and spatial chunking (``exact`` works in horizontal strips with a halo)
-cannot change it either.
+(checked in ``ConvNet.__init__``), so IEEE float64 computes them without any rounding, in any summation
+order, with or without FMA, on CPU or GPU. The network output is therefore an exact function of the
+integer input, and spatial chunking (``exact`` works in horizontal strips with a halo) cannot change it.
 """
 
 from __future__ import annotations
