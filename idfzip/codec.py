@@ -66,17 +66,14 @@ def _encode_tile(model: Model, rgb: np.ndarray, device: str) -> tuple[bytes, flo
     x = flow.color_encode(x.to(device))
     for level in range(flow.config.levels):
         kept, z = flow.level_encode(level, x)
-        ctx, raws = kept, []
-        for j in range(3):
-            raws.append(flow.prior_raw(level, j, ctx))
-            ctx = torch.cat([ctx, z[:, j * C : (j + 1) * C]], 1)
         for j in reversed(range(3)):  # ANS is a stack: push in the reverse of the decoding order
+            raw = flow.prior_raw(level, j, torch.cat([kept, z[:, : j * C]], 1))
             zj = z[:, j * C : (j + 1) * C]
             if flow.n_ar:
                 for c in reversed(range(C)):
-                    enc.push(zj[:, c : c + 1], Mixture(flow.channel_raw(raws[j], c, zj[:, :c]), K))
+                    enc.push(zj[:, c : c + 1], Mixture(flow.channel_raw(raw, c, zj[:, :c]), K))
             else:
-                enc.push(zj, Mixture(raws[j], K))
+                enc.push(zj, Mixture(raw, K))
         x = kept
     enc.push(x, Mixture(flow.top_raw(x.shape), K))
     return enc.finish(), enc.bits

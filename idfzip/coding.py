@@ -94,7 +94,9 @@ class Decoder:
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
         try:
             self._coder = constriction.stream.stack.AnsCoder(words)
-        except Exception as e:  # constriction rejects some invalid streams outright
+        except BaseException as e:  # noqa: BLE001 - constriction rejects some invalid streams outright
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             raise CorruptFileError(f"invalid entropy-coded stream ({e})") from None
 
     def pop(self, mix: Mixture) -> torch.Tensor:
@@ -120,9 +122,9 @@ class Decoder:
             if esc_pos.numel():
                 w = torch.from_numpy(self._coder.decode(_U16, 2 * esc_pos.numel()).astype(np.int64)).view(-1, 2)
                 z[esc_pos] = centre[esc_pos] + ((w[:, 0] << 16) | w[:, 1]) - _RAW_BIAS
-        except CorruptFileError:
+        except (CorruptFileError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as e:
+        except BaseException as e:  # noqa: BLE001 - a Rust panic in constriction is a BaseException
             raise CorruptFileError(f"entropy-coded stream cannot be decoded ({e})") from None
         return z
 
