@@ -59,7 +59,7 @@ def _umask() -> int:
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the target folder, then rename: no partial output, ever."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".idfzip-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -87,13 +87,9 @@ def _targets(inputs: tuple[str, ...], output: str | None, out_dir: str | None, s
     return pairs
 
 
-def _save_image(im: Image.Image, path: Path) -> None:
-    fmt = LOSSLESS_SUFFIXES.get(path.suffix.lower())
-    if fmt is None:
-        raise Failure(
-            f"{path}: unsupported output format {path.suffix!r} (lossless formats: "
-            f"{', '.join(sorted(LOSSLESS_SUFFIXES))})"
-        )
+def _encode_for(im: Image.Image, fmt: str) -> bytes | None:
+    """The image written as ``fmt``, or None unless reading it back gives the same image (pixels, mode,
+    palette, transparency, ICC, EXIF)."""
     params = {"format": fmt}
     if fmt == "WEBP":
         params.update(lossless=True, quality=100, exact=True)
@@ -105,12 +101,24 @@ def _save_image(im: Image.Image, path: Path) -> None:
         im.save(buf, **params)
         with Image.open(io.BytesIO(buf.getvalue())) as back:
             back.load()
-            ok = back.mode == im.mode and back.size == im.size and back.tobytes() == im.tobytes()
-    except (OSError, ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise Failure(f"{path}: a {fmt} file cannot hold this {im.mode} image exactly; use .png or .tif")
-    _atomic_write(path, lambda f: f.write(buf.getvalue()))
+            return buf.getvalue() if same_image(back, im) else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _save_image(im: Image.Image, path: Path) -> None:
+    fmt = LOSSLESS_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise Failure(
+            f"{path}: unsupported output format {path.suffix!r} (lossless formats: "
+            f"{', '.join(sorted(LOSSLESS_SUFFIXES))})"
+        )
+    data = _encode_for(im, fmt)
+    if data is None:
+        others = [s for s, f in ((".png", "PNG"), (".tif", "TIFF")) if f != fmt and _encode_for(im, f) is not None]
+        hint = f"use {others[0]}" if others else "no image file format here holds it; use idfzip.decompress in Python"
+        raise Failure(f"{path}: a {fmt} file cannot hold this {im.mode} image exactly ({hint})")
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def _check_target(dst: Path, force: bool, src: Path) -> None:
@@ -122,14 +130,21 @@ def _check_target(dst: Path, force: bool, src: Path) -> None:
 
 def _run_each(pairs, fn) -> None:
     failed = 0
+    outputs: set[Path] = set()
     for src, dst in pairs:
         try:
+            if dst is not None:
+                key = dst.resolve()
+                if key in outputs:
+                    raise Failure(f"{src}: its output {dst} is also the output of an earlier input; skipped")
+                outputs.add(key)
             fn(src, dst)
         except (Failure, IdfzipError) as e:
-            click.echo(f"Error: {e}", err=True)
+            msg = str(e)
+            click.echo(f"Error: {msg if msg.startswith(str(src)) else f'{src}: {msg}'}", err=True)
             failed += 1
         except OSError as e:
-            click.echo(f"Error: {src}: {e.strerror or e}", err=True)
+            click.echo(f"Error: {e.filename or src}: {e.strerror or e}", err=True)
             failed += 1
     if failed:
         sys.exit(1)
@@ -300,7 +315,7 @@ def main() -> None:
         click.echo("Error: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"Error: {e.format_message()} (see --help)", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

@@ -18,13 +18,14 @@ from PIL import Image
 
 from .coding import Decoder, Encoder
 from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container
-from .errors import CorruptFileError, InputImageError, ModelMismatchError
+from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
 from .priors import Mixture
 from .zoo import Model, load, load_shipped
 
 DEFAULT_TILE = 1024
 SMALL_IMAGE = 64 * 64  # RGB images up to this many pixels also try the classical coding and keep the smaller
+THIN = 16  # so do images narrower or shorter than this: padding to the model's multiple wastes most of the work
 
 
 @dataclass
@@ -141,21 +142,21 @@ def compress_with_stats(
             f"(sides 1..{MAX_SIDE}, at most {MAX_PIXELS} pixels)"
         )
     if not 1 <= tile <= MAX_TILE:
-        raise ValueError(f"tile size must be 1..{MAX_TILE}")
+        raise IdfzipError(f"tile size must be 1..{MAX_TILE}")
     mdl = model if isinstance(model, Model) else None
     meta = encode_meta(im)
     c = Container(im.mode, im.width, im.height, crc32=signature(im, meta), meta=meta or None)
     rgb, rest = split(im)
     stats = Stats(subpixels=subpixels(im))
     classical = None
-    if rgb is not None and im.width * im.height <= SMALL_IMAGE:
+    if rgb is not None and (im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN):
         classical = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
         classical.rest_method, classical.rest = encode_rest(im)
     if rgb is not None:
         mdl = mdl or load(model)
         m = mdl.flow.multiple
         if tile < m or tile % m:
-            raise ValueError(f"tile size must be a positive multiple of {m} for model {mdl.name}")
+            raise IdfzipError(f"tile size must be a positive multiple of {m} for model {mdl.name}")
         c.model_name, c.model_hash, c.tile = mdl.name, mdl.sha256[:MODEL_HASH_BYTES], tile
         c.tiles, stats.nll_bits = _encode_rgb(mdl, rgb, tile, device, progress)
         stats.flow_bytes = sum(len(t) for t in c.tiles)

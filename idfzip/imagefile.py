@@ -61,5 +61,7 @@ def open_image(path: str | Path) -> Image.Image:
         raise InputImageError(f"{path}: {e}") from None
     except Image.DecompressionBombError as e:
         raise InputImageError(f"{path}: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise InputImageError(f"{path}: not an image in a format Pillow reads") from None
     except Exception as e:  # Pillow raises many kinds of errors on broken files
         raise InputImageError(f"{path}: not a readable image ({e})") from None

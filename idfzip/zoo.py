@@ -106,17 +106,18 @@ def model_from_bytes(data: bytes, name: str, path: str = "") -> Model:
     try:
         # metadata lives in the header: 8-byte little-endian length, then JSON
         n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
         tensors = st_load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
-        raise ModelNotFoundError(f"{path or name}: not a valid model file ({e})") from None
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError):
+        raise ModelNotFoundError(f"{path or name}: not a valid safetensors model file") from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ModelNotFoundError(f"{path or name}: not an idfzip model file of format version {FORMAT_VERSION}")
     try:
         flow = HierarchicalIDF(IDFConfig.from_dict(json.loads(meta["config"])))
         flow.load_state_dict(tensors, strict=True)
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        raise ModelNotFoundError(f"{path or name}: weights do not match the config ({e})") from None
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"{path or name}: weights do not match the config ({detail})") from None
     flow.eval()
     for mod in flow.modules():
         if hasattr(mod, "freeze"):

@@ -197,3 +197,32 @@ def test_every_mode_and_odd_size_through_the_cli(run, tmp_path):
     for path, orig in originals.items():
         back = next((tmp_path / "back").glob(path.stem + ".*"))
         assert_same(orig, Image.open(back))
+
+
+def test_review_cases_give_one_named_line_each(run, tmp_path):
+    a, b = tmp_path / "x.png", tmp_path / "x.tif"
+    Image.fromarray(photo(20, 20)).save(a)
+    Image.fromarray(photo(20, 20, seed=2)).save(b)
+    r = run("compress", "-f", a, b)  # same output name: the second is refused, not silently overwritten
+    assert r.exit_code == 1 and "also the output of an earlier input" in r.output
+    (tmp_path / "empty.idfz").write_bytes(b"")
+    r = run("info", tmp_path / "empty.idfz")
+    assert r.output.startswith(f"Error: {tmp_path / 'empty.idfz'}: ")
+    big = tmp_path / "big.png"
+    Image.fromarray(photo(80, 60)).save(big)
+    r = run("compress", "-f", "--tile", "30", big, b)  # the tiny test model needs multiples of 4
+    assert r.exit_code == 1 and "multiple of 4" in r.output and "internal" not in r.output
+    assert (tmp_path / "x.idfz").exists()  # the other input still went on
+    p = Image.fromarray(np.arange(600, dtype=np.uint8).reshape(20, 30) % 4).convert("P")
+    p.putpalette([255, 0, 0, 0, 0, 255, 0, 128, 0, 0, 255, 255, 9, 9, 9, 10], "RGBA")
+    p.save(tmp_path / "p.png")
+    run("compress", "-o", tmp_path / "p.idfz", tmp_path / "p.png")
+    r = run("decompress", "-o", tmp_path / "p.bmp", tmp_path / "p.idfz")
+    assert r.exit_code == 1 and "use .png" in r.output and not (tmp_path / "p.bmp").exists()
+    assert run("decompress", "-o", tmp_path / "p2.png", tmp_path / "p.idfz").exit_code == 0
+    assert_same(Image.open(tmp_path / "p.png"), Image.open(tmp_path / "p2.png"))
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    r = _idfzip("compress", "-o", "a.idfz", "--out-dir", "d", "x.png", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1

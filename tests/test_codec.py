@@ -7,7 +7,7 @@ from conftest import make_model, photo, roundtrip
 from PIL import Image
 
 import idfzip
-from idfzip.errors import CorruptFileError, ModelMismatchError
+from idfzip.errors import CorruptFileError, IdfzipError, ModelMismatchError
 
 
 @pytest.mark.parametrize("w,h", [(1, 1), (1, 9), (9, 1), (65, 257), (33, 31), (100, 64)])
@@ -74,6 +74,14 @@ def test_numpy_input(tiny):
     assert np.array_equal(np.asarray(back), a)
 
 
+def test_thin_rgb_images_never_cost_much_more_than_png(tiny):
+    im = Image.fromarray(photo(1, 3000, seed=1))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    data = roundtrip(im, tiny)
+    assert len(data) <= len(buf.getvalue()) + 32
+
+
 def test_constant_alpha_costs_almost_nothing(tiny):
     rgb = photo(128, 128)
     a, _ = idfzip.compress_with_stats(Image.fromarray(rgb), tiny)
@@ -113,8 +121,8 @@ def test_thread_count_does_not_change_the_bits(tiny_ar, enc, dec):
 
 
 def test_tile_size_must_suit_the_model(tiny):
-    with pytest.raises(ValueError):
-        idfzip.compress(photo(10, 10), tiny, tile=30)
+    with pytest.raises(IdfzipError, match="multiple"):
+        idfzip.compress(photo(10, 10), tiny, tile=30)  # an IdfzipError: one line in the CLI
 
 
 def test_wrong_model_is_refused(tiny, tmp_path):
