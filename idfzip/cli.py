@@ -300,6 +300,136 @@ def info(inputs):
     _run_each([(Path(i), None) for i in inputs], one)
 
 
+@cli.command()
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='JSON: {"model": {...}, "train": {...}} (see docs/MODELS.md).',
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (NAME.safetensors).")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint OUT.ckpt of an earlier run.")
+@click.option(
+    "--init-from",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start from this model file's weights where they fit (a grown config keeps its function).",
+)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Override the config's step count.")
+@click.option("--minutes", type=click.FloatRange(0), default=None, help="Stop after this many minutes.")
+@click.option("--device", "train_device", type=click.Choice(["cpu", "cuda"]), default=None, help="Train here.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite an existing OUT.")
+@click.pass_context
+def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_device, force):
+    """Train a model on DATA (folders, images or zips of images) and write OUT, usable at once with --model."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from . import train as training
+
+    device = train_device or ctx.obj["device"]
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise click.UsageError("--out must end in .safetensors (the model's name is the file's stem)")
+    if out.exists() and not (force or resume):
+        raise IdfzipError(f"{out} exists (use --force to overwrite, --resume to continue its run)")
+    ckpt = Path(str(out) + ".ckpt")
+    if resume and not ckpt.is_file():
+        raise IdfzipError(f"no checkpoint {ckpt} to resume from")
+    try:
+        model_cfg, train_cfg = training.load_config(config_path)
+        over = {k: v for k, v in (("steps", steps), ("minutes", minutes)) if v is not None}
+        train_cfg = dataclasses.replace(train_cfg, **over)
+    except ValueError as e:
+        raise IdfzipError(str(e)) from None
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise IdfzipError("--device cuda: no CUDA device is available")
+    bar = tqdm(total=train_cfg.steps, desc="train", unit="step", file=sys.stderr, disable=None, dynamic_ncols=True)
+
+    def progress(step: int, bpd: float) -> None:
+        bar.n = step
+        bar.set_postfix_str(f"{bpd:.4f} bpd", refresh=False)
+        if step % 10 == 0:
+            bar.refresh()
+
+    try:
+        training.train(
+            model_cfg,
+            train_cfg,
+            list(data),
+            out,
+            out.stem,
+            resume=ckpt if resume else None,
+            device=device,
+            init_from=init_from,
+            log=lambda line: bar.write(line, file=sys.stderr),
+            progress=None if bar.disable else progress,  # no terminal: a log line every 50 steps instead
+        )
+    except (ValueError, OSError) as e:
+        raise IdfzipError(str(e)) from None
+    finally:
+        bar.close()
+    if not out.exists():
+        raise IdfzipError("training ended before its first validation: no model written")
+    m = zoo.load(str(out))
+    click.echo(f"{out}: {m.flow.num_parameters()} parameters, validation {m.metadata.get('val_bpd', '?')} bpd")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "bench_model", metavar="NAME_OR_PATH", default=None, help="Model (default: the global one).")
+@click.option(
+    "--compare",
+    default=",".join(("png", "webp", "jpeg2000", "jpegls", "jpegxl")),
+    show_default=True,
+    help="Baseline codecs, comma-separated ('' or none: no baselines).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart here (needs matplotlib).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images, in sorted order.")
+@click.pass_context
+def bench(ctx, paths, bench_model, compare, json_path, plot_path, limit):
+    """Bits per sub-pixel and speed of idfzip beside classical codecs, on PATHS (folders, images, zips)."""
+    import json
+
+    from tqdm import tqdm
+
+    from . import bench as bm
+    from .imagefile import find_images
+
+    names = [c.strip().lower() for c in compare.split(",") if c.strip() and c.strip().lower() != "none"]
+    unknown = [c for c in names if c not in bm.CODECS]
+    if unknown:
+        raise click.UsageError(f"unknown codec {unknown[0]!r} in --compare (known: {', '.join(bm.CODECS)})")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise IdfzipError("--plot needs matplotlib: pip install idfzip[bench]") from None
+    sources = find_images(paths)[:limit]
+    if not sources:
+        raise IdfzipError("no images found in " + ", ".join(paths))
+    model = zoo.with_device(zoo.load(bench_model or ctx.obj["model"]), ctx.obj["device"])
+    with tqdm(total=len(sources), desc="bench", unit="img", file=sys.stderr, disable=None, leave=False) as bar:
+        res = bm.run(sources, model, names, ctx.obj["device"], progress=bar.update)
+    if not res.images:
+        raise IdfzipError("no image could be benchmarked (" + "; ".join(res.skipped_images.values()) + ")")
+    click.echo(res.table())
+    if json_path:
+        text = json.dumps(res.to_json(), indent=1)
+        _atomic_write(Path(json_path), lambda f: f.write(text.encode()))
+    if plot_path:
+        path = Path(plot_path)
+        _atomic_write(path, lambda f: bm.plot(res, f))
+    if not res.ours.exact or not all(t.exact for t in res.baselines.values()):
+        raise IdfzipError("a codec did not reproduce the image exactly (see the table)")
+
+
 @cli.command("models")
 def models_cmd():
     """List the shipped models."""

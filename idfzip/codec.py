@@ -30,7 +30,8 @@ THIN = 16  # so do images narrower or shorter than this: padding to the model's 
 
 @dataclass
 class Stats:
-    """What an encode measured: total bytes, and the flow part's ideal code length (model NLL) in bits."""
+    """What an encode measured: total bytes, and the flow part's ideal code length (model NLL) in bits (also
+    when the classical coding was smaller and kept; 0 when the image has no RGB part)."""
 
     bytes: int = 0
     flow_bytes: int = 0
@@ -58,6 +59,13 @@ def _pad(a: np.ndarray, m: int) -> np.ndarray:
     return np.pad(a, ((0, -h % m), (0, -w % m), (0, 0)), mode="edge")
 
 
+def _gather(t: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """(B, ch, h, w) -> (B, ch, 1, len(pos)): the positions of one pass of a slot (all of them if None)."""
+    if pos is None:
+        return t
+    return t.flatten(2)[:, :, pos.to(t.device)].unsqueeze(2)
+
+
 @torch.no_grad()
 def _encode_tile(model: Model, rgb: np.ndarray, device: str) -> tuple[bytes, float]:
     flow = model.flow
@@ -67,14 +75,18 @@ def _encode_tile(model: Model, rgb: np.ndarray, device: str) -> tuple[bytes, flo
     x = flow.color_encode(x.to(device))
     for level in range(flow.config.levels):
         kept, z = flow.level_encode(level, x)
+        groups = flow.groups(*kept.shape[2:])
         for j in reversed(range(3)):  # ANS is a stack: push in the reverse of the decoding order
-            raw = flow.prior_raw(level, j, torch.cat([kept, z[:, : j * C]], 1))
+            ctx = torch.cat([kept, z[:, : j * C]], 1)
             zj = z[:, j * C : (j + 1) * C]
-            if flow.n_ar:
-                for c in reversed(range(C)):
-                    enc.push(zj[:, c : c + 1], Mixture(flow.channel_raw(raw, c, zj[:, :c]), K))
-            else:
-                enc.push(zj, Mixture(raw, K))
+            for g in reversed(range(len(groups))):
+                raw = _gather(flow.prior_raw(level, j, ctx, zj, g), groups[g])
+                zg = _gather(zj, groups[g])
+                if flow.n_ar:
+                    for c in reversed(range(C)):
+                        enc.push(zg[:, c : c + 1], Mixture(flow.channel_raw(raw, c, zg[:, :c]), K))
+                else:
+                    enc.push(zg, Mixture(raw, K))
         x = kept
     enc.push(x, Mixture(flow.top_raw(x.shape), K))
     return enc.finish(), enc.bits
@@ -91,17 +103,25 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str) -> np.n
     x = dec.pop(Mixture(flow.top_raw(shape), K)).view(shape).to(device)
     for level in reversed(range(L)):
         shape = (1, C, H >> (level + 1), W >> (level + 1))
+        groups = flow.groups(*shape[2:])
         ctx, zs = x, []
         for j in range(3):
-            raw = flow.prior_raw(level, j, ctx)
-            if flow.n_ar:
-                one = (1, 1) + shape[2:]
-                zj = torch.zeros(shape, dtype=torch.long, device=device)
-                for c in range(C):
-                    mix = Mixture(flow.channel_raw(raw, c, zj[:, :c]), K)
-                    zj[:, c : c + 1] = dec.pop(mix).view(one).to(device)
-            else:
-                zj = dec.pop(Mixture(raw, K)).view(shape).to(device)
+            zj = torch.zeros(shape, dtype=torch.long, device=device)
+            flat = zj.view(1, C, -1)
+            for g, pos in enumerate(groups):
+                raw = _gather(flow.prior_raw(level, j, ctx, zj, g), pos)
+                zg = torch.zeros((1, C) + raw.shape[2:], dtype=torch.long, device=device)
+                if flow.n_ar:
+                    for c in range(C):
+                        mix = Mixture(flow.channel_raw(raw, c, zg[:, :c]), K)
+                        zg[:, c : c + 1] = dec.pop(mix).view(zg[:, c : c + 1].shape).to(device)
+                else:
+                    zg = dec.pop(Mixture(raw, K)).view(zg.shape).to(device)
+                if pos is None:
+                    zj = zg
+                    flat = zj.view(1, C, -1)
+                else:
+                    flat[:, :, pos.to(device)] = zg.view(1, C, -1)
             zs.append(zj)
             ctx = torch.cat([ctx, zj], 1)
         x = flow.level_decode(level, x, torch.cat(zs, 1))
@@ -169,7 +189,7 @@ def compress_with_stats(
     if classical is not None:
         alt = classical.to_bytes()
         if len(alt) < len(data):
-            data, stats.method, stats.flow_bytes, stats.nll_bits = alt, "classical", 0, 0.0
+            data, stats.method, stats.flow_bytes = alt, "classical", 0  # nll_bits: still the model's NLL
     stats.bytes = len(data)
     return data, stats
 

@@ -6,24 +6,21 @@ Adamax/Adam with linear warm-up and exponential decay, as in Hoogeboom et al. 20
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import math
 import os
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .flows import HierarchicalIDF, IDFConfig
+from .imagefile import find_images
 from .zoo import save_model
-
-IMAGE_SUFFIXES = {".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".jpg", ".jpeg", ".gif"}
 
 
 @dataclass
@@ -37,37 +34,57 @@ class TrainConfig:
     steps: int = 100_000
     minutes: float = 0.0  # stop after this many minutes of training (0: no limit)
     val_every: int = 500
-    val_images: int = 8  # the last N images are held out for validation
+    val_images: int = 8  # N images are held out for validation
+    holdout: str = "last"  # "last": the last N in sorted order; "spread": N evenly spaced ones (class-sorted sets)
     seed: int = 0
     threads: int = 0
+    optimizer: str = "adam"  # "adam" or "adamax" (the IDF paper's)
+    ema: float = 0.0  # validate and export an exponential moving average of the weights with this decay (0: off)
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "adamax"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}")
+        if self.holdout not in ("last", "spread"):
+            raise ValueError(f"unknown holdout {self.holdout!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError("ema must be in [0, 1)")
+        if min(self.crop, self.batch, self.steps, self.val_every, self.val_images) < 1 or self.lr <= 0:
+            raise ValueError("crop, batch, steps, val_every, val_images and lr must be positive")
+
+
+def load_config(path: str | Path) -> tuple[IDFConfig, TrainConfig]:
+    """A training config file: JSON ``{"model": {IDFConfig fields}, "train": {TrainConfig fields}}``; fields
+    left out take their defaults."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(d, dict) or set(d) - {"model", "train"}:
+        raise ValueError(f'{path}: a config has the sections "model" and "train" only')
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    t = d.get("train", {})
+    if set(t) - names:
+        raise ValueError(f"{path}: unknown train fields {sorted(set(t) - names)}")
+    try:
+        return IDFConfig.from_dict(d.get("model", {})), TrainConfig(**t)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_images(sources: list[str | Path], limit: int = 0) -> list[np.ndarray]:
     """RGB uint8 arrays (H, W, 3) from folders (recursively), single images, or zips of images, sorted."""
-    out: list[np.ndarray] = []
+    found = find_images(sources)
+    return [np.asarray(src.open().convert("RGB")).copy() for src in found[: limit or None]]
 
-    def add(im: Image.Image) -> None:
-        out.append(np.asarray(im.convert("RGB")).copy())
 
-    for src in sources:
-        p = Path(src)
-        if p.is_dir():
-            for f in sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES):
-                with Image.open(f) as im:
-                    add(im)
-                if limit and len(out) >= limit:
-                    return out
-        elif p.suffix.lower() == ".zip":
-            with zipfile.ZipFile(p) as zf:
-                for name in sorted(n for n in zf.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES):
-                    with Image.open(io.BytesIO(zf.read(name))) as im:
-                        add(im)
-                    if limit and len(out) >= limit:
-                        return out
-        else:
-            with Image.open(p) as im:
-                add(im)
-    return out
+def split_holdout(images: list, n: int, how: str = "last") -> tuple[list, list]:
+    """(training, validation): the last n images, or n evenly spaced ones (for sets sorted by class)."""
+    if how == "last":
+        return images[:-n], images[-n:]
+    if how != "spread":
+        raise ValueError(f"unknown holdout {how!r}")
+    held = {int(i) for i in np.linspace(0, len(images) - 1, n).round()}
+    return [im for i, im in enumerate(images) if i not in held], [images[i] for i in sorted(held)]
 
 
 def _crops(images: list[np.ndarray], n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -90,22 +107,32 @@ def evaluate(model: HierarchicalIDF, images: list[np.ndarray], size: int = 256) 
     """Bits per sub-pixel (float32 training path) on centre crops of ``images``."""
     bits, n = 0.0, 0
     m = model.multiple
-    with torch.no_grad():
-        for im in images:
-            h, w = im.shape[:2]
-            s = min(size, h // m * m, w // m * m)
-            if s == 0:
-                continue
+    crops = []
+    for im in images:
+        h, w = im.shape[:2]
+        s = min(size, h // m * m, w // m * m)
+        if s:
             y, x = (h - s) // 2, (w - s) // 2
-            t = torch.from_numpy(im[y : y + s, x : x + s].copy()).permute(2, 0, 1)[None].float()
+            crops.append(im[y : y + s, x : x + s])
+    with torch.no_grad():
+        i = 0
+        while i < len(crops):  # equal-sized crops in batches of up to 64 x 64 x 64 pixels
+            j = i + 1
+            while (
+                j < len(crops) and crops[j].shape == crops[i].shape and (j - i + 1) * crops[i][..., 0].size <= 1 << 18
+            ):
+                j += 1
+            t = torch.from_numpy(np.stack(crops[i:j])).permute(0, 3, 1, 2).float()
             bits += float(model(t))
             n += t.numel()
+            i = j
     return bits / max(n, 1)
 
 
 def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
-    """Copy weights from a model file into ``model`` where names match: whole tensors of equal shape, or the
-    leading rows of an output layer that has grown (e.g. extra prior outputs). Returns tensors copied."""
+    """Copy weights from a model file into ``model`` where names match: whole tensors of equal shape, or into
+    the leading block of a tensor that has grown (extra prior outputs, extra prior inputs). Grown input columns
+    are zeroed, so the new inputs start ignored and the copied model's function is kept. Returns tensors copied."""
     from safetensors.torch import load_file
 
     src = load_file(str(path))
@@ -114,14 +141,12 @@ def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
     with torch.no_grad():
         for k, v in own.items():
             w = src.get(k)
-            if w is None:
+            if w is None or w.ndim != v.ndim or any(a > b for a, b in zip(w.shape, v.shape)):
                 continue
-            if w.shape == v.shape:
-                v.copy_(w)
-                n += 1
-            elif w.ndim == v.ndim and w.shape[1:] == v.shape[1:] and w.shape[0] < v.shape[0]:
-                v[: w.shape[0]] = w
-                n += 1
+            if w.ndim > 1 and w.shape[1] < v.shape[1]:
+                v[:, w.shape[1] :] = 0.0
+            v[tuple(slice(0, d) for d in w.shape)] = w
+            n += 1
     return n
 
 
@@ -135,8 +160,12 @@ def train(
     device: str = "cpu",
     init_from: str | Path | None = None,
     log: Callable[[str], None] = print,
+    progress: Callable[[int, float], None] | None = None,
 ) -> HierarchicalIDF:
-    """Train and export ``out`` (safetensors). A checkpoint ``out + '.ckpt'`` allows ``resume``."""
+    """Train and export ``out`` (safetensors), the best validation checkpoint so far, ready for coding.
+
+    A checkpoint ``out + '.ckpt'`` (weights, optimiser, step, best validation) is written at each validation;
+    ``resume`` continues from one. ``progress(step, running training bpd)`` is called after every step."""
     tc = train_config
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -145,24 +174,32 @@ def train(
     images = load_images(data)
     if len(images) <= tc.val_images:
         raise ValueError(f"need more than {tc.val_images} images, found {len(images)}")
-    train_imgs, val_imgs = images[: -tc.val_images], images[-tc.val_images :]
+    train_imgs, val_imgs = split_holdout(images, tc.val_images, tc.holdout)
     log(f"{len(train_imgs)} training images, {len(val_imgs)} validation images")
     model = HierarchicalIDF(model_config)
     if init_from and not resume:
         log(f"warm start from {init_from}: {warm_start(model, init_from)} tensors copied")
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    opt = (torch.optim.Adamax if tc.optimizer == "adamax" else torch.optim.Adam)(model.parameters(), lr=tc.lr)
     step = 0
+    best = math.inf
+    ema_state = None
     ckpt = Path(str(out) + ".ckpt")
     if resume:
         state = torch.load(resume, map_location=device, weights_only=True)
+        if state.get("config", model_config.to_dict()) != model_config.to_dict():
+            raise ValueError(f"{resume}: the checkpoint's model config differs from this one")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        ema_state = state.get("ema")
         step = int(state["step"])
+        best = float(state.get("best", math.inf))
         rng = np.random.default_rng(tc.seed + step)
+        torch.manual_seed(tc.seed + step)
         log(f"resumed at step {step}")
     log(f"model: {model.num_parameters()} parameters, {json.dumps(model_config.to_dict())}")
-    best = math.inf
+    if tc.ema and ema_state is None:
+        ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     start = time.time()
     running = None
     while step < tc.steps:
@@ -176,21 +213,35 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
         step += 1
+        if ema_state is not None:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    if v.is_floating_point():
+                        ema_state[k].lerp_(v, 1.0 - tc.ema)
         lv = float(loss.detach())
         running = lv if running is None else 0.98 * running + 0.02 * lv
         done = tc.minutes and (time.time() - start) > tc.minutes * 60
-        if step % 50 == 0:
+        if progress:
+            progress(step, running)
+        if step % 50 == 0 and not progress:
             log(f"step {step} lr {lr:.2e} train {running:.4f} bpd ({time.time() - start:.0f}s)")
         if step % tc.val_every == 0 or done or step == tc.steps:
+            # the averaged weights (with ema) are the ones validated and exported
+            current = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_state else None
+            if ema_state:
+                model.load_state_dict(ema_state)
             model.eval()
             v = evaluate(model.cpu(), val_imgs)
+            log(f"step {step} validation {v:.4f} bpd" + (" (best)" if v < best else ""))
+            best = min(best, v)
+            if v == best:
+                save_model(model, out, name, {"step": str(step), "val_bpd": f"{v:.4f}"})
             model.to(device).train()
-            log(f"step {step} validation {v:.4f} bpd")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
-            if v < best:
-                best = v
-                save_model(model.cpu(), out, name, {"step": str(step), "val_bpd": f"{v:.4f}"})
-                model.to(device)
+            if current is not None:
+                model.load_state_dict(current)
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
+            torch.save({**state, "ema": ema_state, "config": model_config.to_dict()}, str(ckpt) + ".tmp")
+            os.replace(str(ckpt) + ".tmp", ckpt)  # a run stopped while saving keeps its previous checkpoint
         if done:
             break
     os.sync()

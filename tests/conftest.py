@@ -41,6 +41,11 @@ def tiny_ar(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_cb(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("models"), "tinycb", channel_ar=True, context="checkerboard")
+
+
+@pytest.fixture(scope="session")
 def tiny_bipartite(tmp_path_factory):
     return make_model(
         tmp_path_factory.mktemp("models"), "tinybi", coupling="bipartite", init="identity", coupling_hidden=4, steps=2

@@ -48,6 +48,7 @@ class IDFConfig:
     prior_layers: int = 2
     mixtures: int = 3
     channel_ar: bool = False  # within a slot, channel c's means also depend linearly on channels < c there
+    context: str = "none"  # "checkerboard": a slot's second half (x + y odd) also sees its first half
     seed: int = 0
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class IDFConfig:
             raise ValueError(f"unknown init {self.init!r}")
         if self.init == "lifting" and self.coupling != "quad":
             raise ValueError("lifting initialisation needs the 4-partition coupling")
+        if self.context not in ("none", "checkerboard"):
+            raise ValueError(f"unknown context {self.context!r}")
         if self.color not in ("rct", "none"):
             raise ValueError(f"unknown color {self.color!r}")
         if self.color == "rct" and self.channels != 3:
@@ -108,17 +111,25 @@ class HierarchicalIDF(nn.Module):
             self.perms.append(perms)
             self.couplings.append(coups)
         self.n_ar = C * (C - 1) // 2 if cfg.channel_ar else 0
+        self.passes = 2 if cfg.context == "checkerboard" else 1
+        extra = C + 1 if self.passes == 2 else 0  # the slot's own anchors (zero elsewhere) and the anchor mask
         self.priors = nn.ModuleList(
             nn.ModuleList(
-                ConvNet((1 + j) * C, 3 * K * C + self.n_ar, cfg.prior_hidden, cfg.prior_layers, 3, zero_out=False)
+                ConvNet(
+                    (1 + j) * C + extra, 3 * K * C + self.n_ar, cfg.prior_hidden, cfg.prior_layers, 3, zero_out=False
+                )
                 for j in range(3)
             )
             for _ in range(cfg.levels)
         )
-        if self.n_ar:  # start with no channel dependence
-            with torch.no_grad():
-                for net in (n for level in self.priors for n in level):
-                    for conv in ([net.linear] if net.linear is not None else []) + [net.convs[-1]]:
+        with torch.no_grad():
+            for net in (n for level in self.priors for n in level):
+                first = [net.linear] if net.linear is not None else []
+                if extra:  # start blind to the anchors: both passes give the same parameters
+                    for conv in first + list(net.convs[:1]):
+                        conv.weight[:, -extra:] = 0.0
+                if self.n_ar:  # start with no channel dependence
+                    for conv in first + [net.convs[-1]]:
                         conv.weight[-self.n_ar :] = 0.0
                         conv.bias[-self.n_ar :] = 0.0
         top = torch.zeros(C, 3, K)
@@ -149,7 +160,12 @@ class HierarchicalIDF(nn.Module):
             ctx = kept
             for j in range(3):
                 zj = z[:, j * C : (j + 1) * C]
-                raw = self.priors[level][j](ctx)
+                net = self.priors[level][j]
+                if self.passes == 2:
+                    a = self.anchors(ctx)
+                    raw = torch.where(a > 0, net(self.slot_input(ctx, zj, 0)), net(self.slot_input(ctx, zj, 1)))
+                else:
+                    raw = net(ctx)
                 if self.n_ar:
                     for c in range(C):
                         bits = bits + nll_bits(zj[:, c : c + 1], self.channel_raw(raw, c, zj[:, :c]), K)
@@ -202,6 +218,35 @@ class HierarchicalIDF(nn.Module):
         shift = (coef[:, first : first + c] * prev.to(coef.dtype)).sum(1, keepdim=True)
         return torch.cat([out[:, :K], out[:, K : 2 * K] + shift, out[:, 2 * K :]], 1)
 
-    def prior_raw(self, level: int, slot: int, ctx: torch.Tensor) -> torch.Tensor:
-        """Exact mixture parameters of slot ``slot`` of z_level given ctx = [kept, slots < slot]."""
-        return self.priors[level][slot].exact(ctx)
+    @staticmethod
+    def anchors(like: torch.Tensor) -> torch.Tensor:
+        """(1, 1, h, w) mask, 1 where x + y is even (a checkerboard context's first pass), of like's dtype."""
+        h, w = like.shape[-2:]
+        y = torch.arange(h, device=like.device).view(h, 1)
+        x = torch.arange(w, device=like.device).view(1, w)
+        return ((x + y) % 2 == 0).to(like.dtype).view(1, 1, h, w)
+
+    def slot_input(self, ctx: torch.Tensor, zj: torch.Tensor | None, group: int) -> torch.Tensor:
+        """The prior network's input for pass ``group`` of a slot: ctx, and with a checkerboard context
+        [slot values at the anchors, anchor mask] for the second pass (zeros for the first)."""
+        if self.passes == 1:
+            return ctx
+        B, _, h, w = ctx.shape
+        if group == 0:
+            return torch.cat([ctx, ctx.new_zeros(B, self.config.channels + 1, h, w)], 1)
+        a = self.anchors(ctx)
+        return torch.cat([ctx, zj.to(ctx.dtype) * a, a.expand(B, 1, h, w)], 1)
+
+    def groups(self, h: int, w: int) -> list[torch.Tensor | None]:
+        """Flat position indices of each pass of a slot of size h x w, in coding order (None: all, in order)."""
+        if self.passes == 1:
+            return [None]
+        a = self.anchors(torch.zeros(h, w)).flatten()
+        return [torch.nonzero(a > 0).flatten(), torch.nonzero(a == 0).flatten()]
+
+    def prior_raw(
+        self, level: int, slot: int, ctx: torch.Tensor, zj: torch.Tensor | None = None, group: int = 0
+    ) -> torch.Tensor:
+        """Exact mixture parameters of slot ``slot`` of z_level given ctx = [kept, slots < slot], for pass
+        ``group`` (with a checkerboard context the second pass also needs the slot's anchors, ``zj``)."""
+        return self.priors[level][slot].exact(self.slot_input(ctx, zj, group))

@@ -1,0 +1,318 @@
+"""Benchmark: idfzip against classical lossless codecs on the same pixels, every codec verified exact.
+
+Figures: bits = whole file bytes x 8; bpd = bits / (width x height x channels); totals are sums over images
+(total bpd = total bits / total sub-pixels). The NLL is the model's ideal code length of the RGB pixels (also
+where the classical coding came out smaller and was kept), without header. Times are in-process wall seconds
+per image (the model is loaded once, before timing). Speeds are in MB/s of raw 8-bit sub-pixels.
+
+Every image is benchmarked as its 8-bit pixels: L, LA, RGB or RGBA (palette and 1-bit images are expanded to
+those first, so that all codecs see the same sub-pixels). Images with more than 8 bits per sample are skipped.
+
+Baselines (``pip install idfzip[bench]``): PNG (Pillow, optimize, level 9), WebP lossless (Pillow, method 6),
+JPEG 2000 reversible 5/3 with the reversible colour transform (imagecodecs/OpenJPEG), JPEG-LS (imagecodecs/
+CharLS), JPEG-XL lossless at effort 7 (imagecodecs/libjxl). A codec this machine lacks is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from . import codec
+from .errors import IdfzipError, InputImageError
+from .imagefile import Source, find_images
+from .planes import same_image
+from .zoo import Model
+
+CODECS = ("png", "webp", "jpeg2000", "jpegls", "jpegxl")
+JPEGXL_EFFORT = 7
+LABELS = {
+    "idfzip": "idfzip",
+    "png": "PNG (level 9)",
+    "webp": "WebP lossless (m6)",
+    "jpeg2000": "JPEG 2000 (5/3)",
+    "jpegls": "JPEG-LS",
+    "jpegxl": f"JPEG-XL (e{JPEGXL_EFFORT})",
+}
+BENCH_MODES = {"L", "LA", "RGB", "RGBA"}
+
+
+def bench_image(im: Image.Image) -> Image.Image:
+    """The 8-bit L/LA/RGB/RGBA image every codec is given; InputImageError if the image has deeper samples."""
+    if im.mode in BENCH_MODES:
+        return im
+    if im.mode == "P":
+        return im.convert("RGBA" if "transparency" in im.info or im.palette.mode == "RGBA" else "RGB")
+    if im.mode == "1":
+        return im.convert("L")
+    if im.mode in ("PA",):
+        return im.convert("RGBA")
+    if im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return im.convert("RGB")
+    raise InputImageError(f"mode {im.mode}: the benchmark compares 8-bit images only")
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def _pillow(fmt: str, **params):
+    def encode(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format=fmt, **params)
+        return buf.getvalue()
+
+    def decode(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)
+
+    return encode, decode
+
+
+def _imagecodecs(name: str):
+    import imagecodecs
+
+    if name == "jpeg2000":
+
+        def encode(a):
+            return imagecodecs.jpeg2k_encode(a, level=0, reversible=True, mct=a.ndim == 3 and a.shape[2] >= 3)
+
+        return encode, imagecodecs.jpeg2k_decode
+    if name == "jpegls":
+        return (lambda a: imagecodecs.jpegls_encode(a, level=0)), imagecodecs.jpegls_decode
+    if name == "jpegxl":
+
+        def encode(a):
+            return imagecodecs.jpegxl_encode(a, lossless=True, effort=JPEGXL_EFFORT, numthreads=1)
+
+        return encode, imagecodecs.jpegxl_decode
+    raise ValueError(name)
+
+
+def baseline(name: str):
+    """(encode(array) -> bytes, decode(bytes) -> array) for a codec name; raises if it is unavailable."""
+    if name == "png":
+        return _pillow("PNG", optimize=True, compress_level=9)
+    if name == "webp":
+        from PIL import features
+
+        if not features.check("webp"):
+            raise RuntimeError("Pillow was built without WebP")
+        return _pillow("WEBP", lossless=True, quality=100, method=6, exact=True)
+    if name in ("jpeg2000", "jpegls", "jpegxl"):
+        return _imagecodecs(name)
+    raise ValueError(f"unknown codec {name!r} (known: {', '.join(CODECS)})")
+
+
+def _same(a: np.ndarray, b) -> bool:
+    """b decodes to exactly a (a grey image may come back as RGB(A) with equal colour channels: WebP)."""
+    b = np.asarray(b)
+    if b.ndim == 3 and b.shape[2] in (3, 4) and (a.ndim == 2 or a.shape[2] == 2) and b.shape[:2] == a.shape[:2]:
+        grey = a if a.ndim == 2 else a[..., 0]
+        a = np.stack([grey] * 3 + ([a[..., 1]] if a.ndim == 3 else []), 2)
+    return b.dtype == a.dtype and b.size == a.size and np.array_equal(a, b.reshape(a.shape))
+
+
+def _probe(name: str):
+    """The codec's functions after a round trip of a tiny image, or the reason it cannot run here."""
+    try:
+        enc, dec = baseline(name)
+        a = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+        if not _same(a, dec(enc(a))):
+            return None, "does not round-trip exactly on this machine"
+        return (enc, dec), None
+    except ImportError as e:
+        return None, f"not installed ({e.name or e}); pip install idfzip[bench]"
+    except Exception as e:  # a codec library missing a part, or failing in its own way
+        return None, f"unavailable ({type(e).__name__}: {e})"
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class Totals:
+    bytes: int = 0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    exact: bool = True
+
+
+@dataclass
+class Result:
+    model_name: str
+    model_sha256: str
+    images: list[dict] = field(default_factory=list)
+    subpixels: int = 0
+    nll_bits: float = 0.0
+    ours: Totals = field(default_factory=Totals)
+    baselines: dict[str, Totals] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    skipped_images: dict[str, str] = field(default_factory=dict)
+
+    def bpd(self, nbytes: int) -> float:
+        return 8.0 * nbytes / max(1, self.subpixels)
+
+    def to_json(self) -> dict:
+        o = self.ours
+        return {
+            "model": {"name": self.model_name, "sha256": self.model_sha256},
+            "images": self.images,
+            "total": {
+                "images": len(self.images),
+                "subpixels": self.subpixels,
+                "bytes": o.bytes,
+                "bpd": self.bpd(o.bytes),
+                "nll_bpd": self.nll_bits / max(1, self.subpixels),
+                "encode_s": o.encode_s,
+                "decode_s": o.decode_s,
+            },
+            "baselines": {
+                k: {
+                    "bytes": t.bytes,
+                    "bpd": self.bpd(t.bytes),
+                    "encode_s": t.encode_s,
+                    "decode_s": t.decode_s,
+                    "exact": t.exact,
+                }
+                for k, t in self.baselines.items()
+            },
+            "skipped": {"codecs": self.skipped, "images": self.skipped_images},
+        }
+
+    def rows(self) -> list[tuple[str, float, float | None, float, float, bool]]:
+        """(codec, bpd, ratio to PNG, encode MB/s, decode MB/s, exact) for idfzip and each baseline."""
+        mb = self.subpixels / 1e6
+        png = self.baselines.get("png")
+        out = []
+        for name, t in [("idfzip", self.ours), *self.baselines.items()]:
+            ratio = t.bytes / png.bytes if png and png.bytes else None
+            out.append(
+                (name, self.bpd(t.bytes), ratio, mb / max(t.encode_s, 1e-9), mb / max(t.decode_s, 1e-9), t.exact)
+            )
+        return out
+
+    def table(self) -> str:
+        lines = [f"{'codec':<20} {'bpd':>7} {'vs PNG':>7} {'enc MB/s':>9} {'dec MB/s':>9}  exact"]
+        for name, bpd, ratio, enc, dec, exact in self.rows():
+            r = f"{ratio:7.3f}" if ratio is not None else f"{'-':>7}"
+            lines.append(f"{LABELS[name]:<20} {bpd:7.3f} {r} {enc:9.3f} {dec:9.3f}  {'yes' if exact else 'NO'}")
+        lines.append(
+            f"{len(self.images)} images, {self.subpixels:,} sub-pixels; model {self.model_name} "
+            f"({self.model_sha256[:16]}), NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
+        )
+        for name, why in self.skipped.items():
+            lines.append(f"skipped {name}: {why}")
+        for name, why in self.skipped_images.items():
+            lines.append(f"skipped image {name}: {why}")
+        return "\n".join(lines)
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def run(
+    sources: Iterable[Source],
+    model: Model,
+    compare: Iterable[str] = CODECS,
+    device: str = "cpu",
+    progress: Callable[[], None] | None = None,
+) -> Result:
+    """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` and the baselines."""
+    res = Result(model.name, model.sha256.hex())
+    codecs = {}
+    for name in compare:
+        fns, why = _probe(name)
+        if fns is None:
+            res.skipped[name] = why
+        else:
+            codecs[name] = fns
+            res.baselines[name] = Totals()
+    for src in sources:
+        try:
+            im = bench_image(src.open())
+        except IdfzipError as e:
+            res.skipped_images[src.name] = str(e).removeprefix(src.name + ": ")
+            if progress:
+                progress()
+            continue
+        (data, stats), enc_s = _timed(codec.compress_with_stats, im, model, codec.DEFAULT_TILE, device)
+        try:
+            back, dec_s = _timed(codec.decompress, data, model, device)
+            exact = same_image(back, im)
+        except IdfzipError:
+            dec_s, exact = 0.0, False
+        n = stats.subpixels
+        res.subpixels += n
+        nll = stats.nll_bits or 8.0 * len(data)  # an image without RGB part has no model: its file is its code
+        res.nll_bits += nll
+        o = res.ours
+        o.bytes += len(data)
+        o.encode_s += enc_s
+        o.decode_s += dec_s
+        o.exact &= exact
+        res.images.append(
+            {
+                "file": src.name,
+                "width": im.width,
+                "height": im.height,
+                "channels": len(im.getbands()),
+                "bytes": len(data),
+                "bpd": 8.0 * len(data) / n,
+                "nll_bpd": nll / n,
+                "encode_s": enc_s,
+                "decode_s": dec_s,
+                "exact": exact,
+            }
+        )
+        a = np.asarray(im)
+        for name, (enc, dec) in codecs.items():
+            t = res.baselines[name]
+            blob, e_s = _timed(enc, a)
+            out, d_s = _timed(dec, blob)
+            t.bytes += len(blob)
+            t.encode_s += e_s
+            t.decode_s += d_s
+            t.exact &= _same(a, out)
+        if progress:
+            progress()
+    return res
+
+
+def plot(res: Result, path: str) -> None:
+    """A PNG chart: bpd per codec (lower is better) beside encode and decode speed (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(res.rows(), key=lambda r: r[1])
+    names = [LABELS[r[0]] for r in rows]
+    colors = ["#d62728" if r[0] == "idfzip" else "#7f7f7f" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 2), sharey=True)
+    y = np.arange(len(rows))
+    ax1.barh(y, [r[1] for r in rows], color=colors)
+    for i, r in enumerate(rows):
+        ax1.text(r[1], i, f" {r[1]:.3f}", va="center")
+    ax1.set_yticks(y, names)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("bits per sub-pixel (lower is better)")
+    ax1.set_xlim(0, max(r[1] for r in rows) * 1.2)
+    h = 0.38
+    ax2.barh(y - h / 2, [r[3] for r in rows], h, label="encode", color="#1f77b4")
+    ax2.barh(y + h / 2, [r[4] for r in rows], h, label="decode", color="#ff7f0e")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("MB/s of raw pixels (higher is better, log scale)")
+    ax2.legend(loc="lower right")
+    fig.suptitle(
+        f"{len(res.images)} images, {res.subpixels:,} sub-pixels, model {res.model_name}; every codec verified lossless"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["CODECS", "Result", "bench_image", "baseline", "find_images", "plot", "run"]

@@ -1,0 +1,14 @@
+#!/bin/sh
+# Reproduce models/natural.safetensors, the default photo model, from ../shared/data on the CPU.
+# Three stages, each warm-started from the one before (docs/MODELS.md gives times and figures):
+#   1. the lifting flow and its priors; 2. channel-autoregressive means; 3. the checkerboard context.
+# A stage that was stopped continues with the same command plus --resume.
+set -e
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/cid22/training}
+idfzip train "$DATA" --config scripts/configs/natural-1.json --out runs/natural-1.safetensors -f
+idfzip train "$DATA" --config scripts/configs/natural-2.json --init-from runs/natural-1.safetensors \
+    --out runs/natural-2.safetensors -f
+idfzip train "$DATA" --config scripts/configs/natural-3.json --init-from runs/natural-2.safetensors \
+    --out runs/natural.safetensors -f
+cp runs/natural.safetensors models/natural.safetensors

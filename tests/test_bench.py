@@ -1,0 +1,138 @@
+"""`idfzip bench`: the JSON schema, the totals, baselines verified, and a codec that is missing."""
+
+import json
+import zipfile
+
+import pytest
+from click.testing import CliRunner
+from conftest import photo
+from PIL import Image
+
+from idfzip import bench
+from idfzip.cli import cli
+from idfzip.errors import IdfzipError
+from idfzip.imagefile import find_images
+
+SCHEMA = {
+    "model": {"name": str, "sha256": str},
+    "image": {
+        "file": str,
+        "width": int,
+        "height": int,
+        "channels": int,
+        "bytes": int,
+        "bpd": float,
+        "nll_bpd": float,
+        "encode_s": float,
+        "decode_s": float,
+        "exact": bool,
+    },
+    "total": {
+        "images": int,
+        "subpixels": int,
+        "bytes": int,
+        "bpd": float,
+        "nll_bpd": float,
+        "encode_s": float,
+        "decode_s": float,
+    },
+    "baseline": {"bytes": int, "bpd": float, "encode_s": float, "decode_s": float, "exact": bool},
+}
+
+
+def check(obj: dict, schema: dict) -> None:
+    assert set(schema) <= set(obj), set(schema) - set(obj)
+    for k, t in schema.items():
+        assert isinstance(obj[k], t) and not (t is int and isinstance(obj[k], bool)), (k, obj[k])
+
+
+@pytest.fixture()
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    Image.fromarray(photo(80, 64, seed=1)).save(d / "b.png")
+    Image.fromarray(photo(40, 24, seed=2)).save(d / "sub" / "a.png")
+    Image.fromarray(photo(30, 20, seed=3)).convert("L").save(d / "c.png")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def test_json_schema_and_totals(tiny, images, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["bench", str(images), "--model", str(tiny.path), "--compare", "png", "--json", str(out), "--limit", "2"]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "PNG" in r.output and "idfzip" in r.output
+    res = json.loads(out.read_text())
+    check(res["model"], SCHEMA["model"])
+    assert res["model"]["name"] == "tiny" and res["model"]["sha256"] == tiny.sha256.hex()
+    assert [im["file"] for im in res["images"]] == [str(images / "b.png"), str(images / "c.png")]  # sorted, limit
+    for im in res["images"]:
+        check(im, SCHEMA["image"])
+        assert im["exact"] and im["bpd"] == pytest.approx(
+            8 * im["bytes"] / (im["width"] * im["height"] * im["channels"])
+        )
+    t = res["total"]
+    check(t, SCHEMA["total"])
+    assert t["images"] == 2 and t["subpixels"] == 80 * 64 * 3 + 30 * 20
+    assert t["bytes"] == sum(im["bytes"] for im in res["images"])
+    assert t["bpd"] == pytest.approx(8 * t["bytes"] / t["subpixels"])
+    assert set(res["baselines"]) == {"png"}
+    check(res["baselines"]["png"], SCHEMA["baseline"])
+    assert res["baselines"]["png"]["exact"]
+
+
+def test_zip_and_single_image_inputs(tiny, images, tmp_path):
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as zf:
+        zf.write(images / "b.png", "x/b.png")
+        zf.writestr("readme.md", "no")
+    found = find_images([tmp_path / "z.zip", images / "c.png"])
+    assert [s.name for s in found] == [f"{tmp_path / 'z.zip'}/x/b.png", str(images / "c.png")]
+    res = bench.run(found, tiny, compare=[])
+    assert len(res.images) == 2 and res.ours.exact and res.baselines == {}
+
+
+def test_missing_codec_is_skipped_not_a_crash(tiny, images, monkeypatch, tmp_path):
+    real = bench.baseline
+
+    def fake(name):
+        if name == "jpegxl":
+            raise ImportError("no module named imagecodecs", name="imagecodecs")
+        if name == "jpegls":
+            raise RuntimeError("library built without CharLS")
+        return real(name)
+
+    monkeypatch.setattr(bench, "baseline", fake)
+    out = tmp_path / "r.json"
+    args = ["bench", str(images / "b.png"), "--model", str(tiny.path), "--compare", "png,jpegls,jpegxl", "--json", out]
+    r = CliRunner().invoke(cli, [*map(str, args)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "skipped jpegxl: not installed" in r.output and "skipped jpegls" in r.output
+    res = json.loads(out.read_text())
+    assert set(res["baselines"]) == {"png"} and set(res["skipped"]["codecs"]) == {"jpegls", "jpegxl"}
+
+
+def test_every_available_baseline_is_exact(tiny, images):
+    res = bench.run(find_images([images]), tiny, compare=bench.CODECS)
+    assert len(res.images) == 3
+    assert res.baselines, "no baseline ran at all"
+    for name, t in res.baselines.items():
+        assert t.exact and t.bytes > 0, name
+    assert set(res.baselines) | set(res.skipped) == set(bench.CODECS)
+
+
+def test_plot_writes_a_png(tiny, images, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = bench.run(find_images([images / "b.png"]), tiny, compare=["png"])
+    bench.plot(res, str(tmp_path / "p.png"))
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.format == "PNG" and im.width > 300
+
+
+def test_bad_arguments(tiny, tmp_path):
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    with pytest.raises(IdfzipError, match="no images"):
+        runner.invoke(cli, ["bench", str(tmp_path / "empty"), "--model", str(tiny.path)], catch_exceptions=False)
+    r = runner.invoke(cli, ["bench", str(tmp_path), "--compare", "gif"])
+    assert r.exit_code != 0 and "unknown codec" in r.output

@@ -1,0 +1,108 @@
+"""Training: config files, hold-out splits, warm starts that keep a model's function, and `idfzip train`
+end to end (train, resume, use the model at once)."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import photo, roundtrip
+from PIL import Image
+
+from idfzip.cli import cli
+from idfzip.errors import IdfzipError
+from idfzip.flows import HierarchicalIDF, IDFConfig
+from idfzip.train import TrainConfig, load_config, load_images, split_holdout, warm_start
+from idfzip.zoo import load, save_model
+
+TINY = {"levels": 2, "prior_hidden": 8, "mixtures": 2, "channel_ar": True}
+
+
+def write_config(path, model=None, **train):
+    t = {"crop": 16, "batch": 2, "steps": 4, "ema": 0.9, "val_every": 2, "val_images": 1, "warmup": 2, **train}
+    path.write_text(json.dumps({"model": model or TINY, "train": t}))
+    return path
+
+
+def test_load_config_and_its_errors(tmp_path):
+    m, t = load_config(write_config(tmp_path / "c.json", optimizer="adamax"))
+    assert m == IDFConfig(**TINY) and t.optimizer == "adamax" and t.crop == 16
+    for bad in ({"model": {"levels": 2, "nope": 1}}, {"train": {"lr": -1}}, {"extra": {}}, {"model": {"context": "x"}}):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError):
+            load_config(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="JSON"):
+        load_config(tmp_path / "bad.json")
+
+
+def test_split_holdout_spread_covers_the_whole_set():
+    items = list(range(100))
+    train, val = split_holdout(items, 10, "spread")
+    assert len(val) == 10 and val[0] == 0 and val[-1] == 99 and len(train) == 90
+    assert not set(train) & set(val)
+    assert split_holdout(items, 10, "last") == (items[:90], items[90:])
+
+
+def test_load_images_from_folder_zip_and_file(tmp_path):
+    for i in range(2):
+        Image.fromarray(photo(20, 12, seed=i)).save(tmp_path / f"{i}.png")
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as zf:
+        zf.write(tmp_path / "0.png", "sub/a.png")
+        zf.writestr("notes.txt", "not an image")
+    ims = load_images([tmp_path, tmp_path / "z.zip", tmp_path / "1.png"])
+    assert len(ims) == 4 and all(im.shape == (12, 20, 3) for im in ims)
+    assert np.array_equal(ims[0], ims[2])
+
+
+def test_warm_start_into_a_checkerboard_model_keeps_the_function(tmp_path):
+    torch.manual_seed(0)
+    old = HierarchicalIDF(IDFConfig(**TINY))
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(old, tmp_path / "old.safetensors", "old")
+    new = HierarchicalIDF(IDFConfig(**TINY, context="checkerboard"))
+    assert warm_start(new, tmp_path / "old.safetensors") == len(old.state_dict())
+    x = torch.from_numpy(photo(32, 32)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        assert float(new(x)) == pytest.approx(float(old(x)), rel=1e-6)
+
+
+def test_train_command_resume_and_use(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(photo(40, 36, seed=i)).save(data / f"{i}.png")
+    cfg = write_config(tmp_path / "c.json", {**TINY, "context": "checkerboard"})
+    out = tmp_path / "mine.safetensors"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", str(data), "--config", str(cfg), "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "4 training images" not in r.output and "3 training images" in r.output
+    model = load(str(out))
+    assert model.name == "mine" and model.flow.config.context == "checkerboard"
+    roundtrip(Image.fromarray(photo(70, 66)), model)  # usable at once
+    # an existing output is not overwritten by a new run; --resume continues the old one
+    with pytest.raises(IdfzipError, match="exists"):
+        runner.invoke(cli, ["train", str(data), "--config", str(cfg), "--out", str(out)], catch_exceptions=False)
+    args = ["train", str(data), "--config", str(cfg), "--out", str(out), "--resume", "--steps", "6"]
+    r = runner.invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0 and "resumed at step 4" in r.output, r.output
+    assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] == 6
+
+
+def test_train_command_errors(tmp_path):
+    Image.fromarray(photo(40, 36)).save(tmp_path / "a.png")
+    cfg = write_config(tmp_path / "c.json")
+    runner = CliRunner()
+    base = ["train", str(tmp_path / "a.png"), "--config", str(cfg)]
+    with pytest.raises(IdfzipError, match="checkpoint"):
+        runner.invoke(cli, [*base, "--out", str(tmp_path / "m.safetensors"), "--resume"], catch_exceptions=False)
+    with pytest.raises(IdfzipError, match="more than 1 images"):
+        runner.invoke(cli, [*base, "--out", str(tmp_path / "m.safetensors")], catch_exceptions=False)
+    r = runner.invoke(cli, [*base, "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code != 0 and not (tmp_path / "m.pt").exists()
+    assert TrainConfig().optimizer == "adam"
