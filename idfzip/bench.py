@@ -306,7 +306,7 @@ def plot(res: Result, path: str) -> None:
     ax2.barh(y + h / 2, [r[4] for r in rows], h, label="decode", color="#ff7f0e")
     ax2.set_xscale("log")
     ax2.set_xlabel("MB/s of raw pixels (higher is better, log scale)")
-    ax2.legend(loc="lower right")
+    ax2.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.suptitle(
         f"{len(res.images)} images, {res.subpixels:,} sub-pixels, model {res.model_name}; every codec verified lossless"
     )

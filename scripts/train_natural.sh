@@ -1,7 +1,9 @@
 #!/bin/sh
 # Reproduce models/natural.safetensors, the default photo model, from ../shared/data on the CPU.
-# Three stages, each warm-started from the one before (docs/MODELS.md gives times and figures):
-#   1. the lifting flow and its priors; 2. channel-autoregressive means; 3. the checkerboard context.
+# Stages, each warm-started from the one before (docs/MODELS.md gives times and figures):
+#   1. the lifting flow and its priors; 2. channel-autoregressive means; 3. the checkerboard context, with a
+#   moving average of the weights. Each stage exports its best validation checkpoint.
+# The step counts are those of the shipped model's runs (stage 2 was stopped by time).
 # A stage that was stopped continues with the same command plus --resume.
 set -e
 cd "$(dirname "$0")/.."
