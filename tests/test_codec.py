@@ -105,7 +105,7 @@ def test_checkerboard_context_round_trip(tiny_cb, w, h, tile):
 
 def test_checkerboard_codes_what_training_measures(tmp_path):
     """The coder's ideal code length equals the training path's NLL (so both use the same contexts), for the
-    shipped model grown into a checkerboard one whose second pass really uses the anchors."""
+    shipped model as a checkerboard one whose second pass really uses the anchors (grown if need be)."""
     from idfzip.flows import HierarchicalIDF
     from idfzip.train import warm_start
     from idfzip.zoo import load, save_model
@@ -113,18 +113,21 @@ def test_checkerboard_codes_what_training_measures(tmp_path):
     base = load("natural")
     flow = HierarchicalIDF(dataclasses.replace(base.flow.config, context="checkerboard"))
     warm_start(flow, base.path)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for net in (n for level in flow.priors for n in level):
-            net.linear.weight[:, -4:].normal_(0, 0.01)
+    if base.flow.config.context != "checkerboard":  # make the grown second pass depend on the anchors
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for net in (n for level in flow.priors for n in level):
+                net.linear.weight[:, -4:].normal_(0, 0.01)
     save_model(flow, tmp_path / "cb.safetensors", "cb")
     model = load(str(tmp_path / "cb.safetensors"))
-    a = photo(96, 64, seed=2)
+    rng = np.random.default_rng(2)  # a smooth image: photo()'s block edges are tail events for a photo model
+    small = Image.fromarray(rng.integers(0, 256, (10, 14, 3)).astype(np.uint8)).resize((96, 64), Image.BICUBIC)
+    a = np.clip(np.asarray(small) + rng.normal(0, 3, (64, 96, 3)), 0, 255).astype(np.uint8)
     data, stats = idfzip.codec.compress_with_stats(Image.fromarray(a), model)
     with torch.no_grad():
         bits = float(model.flow(torch.from_numpy(a).permute(2, 0, 1)[None].float()))
-        plain = float(base.flow(torch.from_numpy(a).permute(2, 0, 1)[None].float()))
-    assert stats.method == "flow:cb" and bits != plain
+    assert stats.method == "flow:cb"
+    assert all(float(n.linear.weight[:, -4:].detach().abs().max()) > 0 for level in flow.priors for n in level)
     assert stats.nll_bits == pytest.approx(bits, rel=2e-3)
     assert idfzip.decompress(data, model).tobytes() == Image.fromarray(a).tobytes()
 

@@ -11,8 +11,11 @@ Structure, for a (B, C, H, W) integer image with H and W multiples of 2**levels:
 
 Prior: z_l is coded in three slots of C channels, slot j conditioned on the kept channels and slots < j
 (a ConvNet per slot and level, no per-position parameters); the top is coded with one learned mixture per
-channel. With ``init="lifting"`` each level's 4-partition coupling starts as a 2D 5/3 integer wavelet step
-and the slots are (HH, HL, LH) detail bands with LL kept, so training starts from classical compression.
+channel. With ``context="checkerboard"`` each slot is coded in two passes, its anchors (x + y even) first;
+the second pass's network input also holds the anchors' values and the anchor mask (a checkerboard context
+as in He et al. 2021, here on integer latents), and is exact and parallel within each pass.
+With ``init="lifting"`` each level's 4-partition coupling starts as a 2D 5/3 integer wavelet step and the
+slots are (HH, HL, LH) detail bands with LL kept, so training starts from classical compression.
 """
 
 from __future__ import annotations
