@@ -21,7 +21,7 @@ from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Contain
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
 from .priors import Mixture
-from .zoo import Model, load, load_shipped
+from .zoo import Model, is_shipped, load, load_by_hash, load_shipped, shipped_name
 
 DEFAULT_TILE = 1024
 SMALL_IMAGE = 64 * 64  # RGB images up to this many pixels also try the classical coding and keep the smaller
@@ -177,8 +177,11 @@ def compress_with_stats(
         m = mdl.flow.multiple
         if tile < m or tile % m:
             raise IdfzipError(f"tile size must be a positive multiple of {m} for model {mdl.name}")
-        c.model_name, c.model_hash, c.tile = mdl.name, mdl.sha256[:MODEL_HASH_BYTES], tile
-        c.tiles, stats.nll_bits = _encode_rgb(mdl, rgb, tile, device, progress)
+        # a shipped model is named by its hash alone, and an image that fits one tile stores tile side 0
+        c.model_name = "" if is_shipped(mdl) else mdl.name
+        c.model_hash = mdl.sha256[:MODEL_HASH_BYTES]
+        c.tile = 0 if max(im.width, im.height) <= tile else tile
+        c.tiles, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, progress)
         stats.flow_bytes = sum(len(t) for t in c.tiles)
         stats.method = f"flow:{mdl.name}"
     if rest is not None:
@@ -206,10 +209,16 @@ def decompress(
     c = Container.from_bytes(bytes(data))
     rgb = rest = None
     if c.tiles:
-        mdl = model if isinstance(model, Model) else load(model) if model else load_shipped(c.model_name)
+        if isinstance(model, Model):
+            mdl = model
+        elif model:
+            mdl = load(model)
+        else:
+            mdl = load_shipped(c.model_name) if c.model_name else load_by_hash(c.model_hash)
         if mdl.sha256[:MODEL_HASH_BYTES] != c.model_hash:
+            written = repr(c.model_name) if c.model_name else "a shipped model"
             raise ModelMismatchError(
-                f"file was written with model {c.model_name!r} ({c.model_hash.hex()}), "
+                f"file was written with model {written} ({c.model_hash.hex()}), "
                 f"available model {mdl.name!r} is {mdl.sha256[:MODEL_HASH_BYTES].hex()}"
             )
         if c.tile % mdl.flow.multiple:
@@ -217,7 +226,7 @@ def decompress(
         if c.mode not in ("RGB", "RGBA"):
             raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
         rgb = np.empty((c.height, c.width, 3), dtype=np.uint8)
-        for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile), c.tiles):
+        for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
             rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device)
             if progress:
                 progress(tw * th)
@@ -249,9 +258,9 @@ def inspect(data: bytes) -> dict:
         "height": c.height,
         "bytes": len(data),
         "bpd": 8.0 * len(data) / n,
-        "model": c.model_name,
+        "model": c.model_name or (shipped_name(c.model_hash) if c.model_hash else None),
         "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
-        "tile": c.tile or None,
+        "tile": c.tile_side if c.tiles else None,
         "tiles": len(c.tiles),
         "flow_bytes": sum(len(t) for t in c.tiles),
         "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from .errors import CorruptFileError, UnsupportedVersionError
 
 MAGIC = b"IDZ"
-VERSION = 1
+VERSION = 2  # what writers write
+READ_VERSIONS = (1, 2)  # what readers read
 MAX_SIDE = 1 << 20
 MAX_PIXELS = 1 << 28
 MAX_TILE = 1 << 14
@@ -103,25 +104,35 @@ class Container:
     width: int
     height: int
     crc32: int = 0
-    model_name: str | None = None
+    model_name: str | None = None  # "" (version 2): a shipped model, known by its hash
     model_hash: bytes | None = None  # first MODEL_HASH_BYTES of the model file's sha256
-    tile: int = 0  # tile side in pixels (flow part)
+    tile: int = 0  # tile side in pixels (flow part); 0 (version 2): one tile, the whole image
     tiles: list[bytes] = field(default_factory=list)  # one entropy-coded stream per tile, row-major
     rest_method: int | None = None
     rest: bytes | None = None
     meta: bytes | None = None
+    version: int = VERSION
+
+    @property
+    def tile_side(self) -> int:
+        """The side of the tile grid's squares: ``tile``, or for one tile the image's longer side."""
+        return self.tile or max(self.width, self.height)
 
     @property
     def tiles_x(self) -> int:
-        return -(-self.width // self.tile) if self.tile else 0
+        return -(-self.width // self.tile_side)
 
     @property
     def tiles_y(self) -> int:
-        return -(-self.height // self.tile) if self.tile else 0
+        return -(-self.height // self.tile_side)
 
     def to_bytes(self) -> bytes:
+        """The file's bytes in format ``version`` (readers of this build read every version they may be)."""
+        if self.version not in READ_VERSIONS:
+            raise ValueError(f"unknown format version {self.version}")
+        v1 = self.version == 1
         out = bytearray(MAGIC)
-        out.append(VERSION)
+        out.append(self.version)
         if self.mode in MODES:
             out.append(MODES.index(self.mode))
         else:
@@ -136,16 +147,21 @@ class Container:
         out.append(flags)
         if self.tiles:
             name = self.model_name.encode("utf-8")
-            if len(self.tiles) != self.tiles_x * self.tiles_y:
+            if len(self.tiles) != self.tiles_x * self.tiles_y or (v1 and not (name and self.tile)):
                 raise ValueError("tile count does not match the tiling")
             out += bytes([len(name)]) + name + self.model_hash[:MODEL_HASH_BYTES] + write_varint(self.tile)
-            for t in self.tiles:
-                out += write_varint(len(t)) + t
+            if v1:  # version 1: the tile streams come here, each with its length
+                for t in self.tiles:
+                    out += write_varint(len(t)) + t
         if self.rest is not None:
             out.append(self.rest_method)
             out += write_varint(len(self.rest)) + self.rest
         if self.meta:
             out += write_varint(len(self.meta)) + self.meta
+        if self.tiles and not v1:  # version 2: they come last, the last one running up to the CRC
+            for t in self.tiles[:-1]:
+                out += write_varint(len(t)) + t
+            out += self.tiles[-1]
         out += struct.pack("<I", self.crc32)
         return bytes(out)
 
@@ -156,8 +172,10 @@ class Container:
             raise CorruptFileError("not an .idfz file (bad magic bytes)")
         r.take(3)
         version = r.u8()
-        if version != VERSION:
-            raise UnsupportedVersionError(f"unsupported .idfz format version {version} (this build reads {VERSION})")
+        if version not in READ_VERSIONS:
+            raise UnsupportedVersionError(
+                f"unsupported .idfz format version {version} (this build reads {', '.join(map(str, READ_VERSIONS))})"
+            )
         code = r.u8()
         if code == MODE_OTHER:
             try:
@@ -173,7 +191,7 @@ class Container:
         width, height = r.varint(), r.varint()
         if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE) or width * height > MAX_PIXELS:
             raise CorruptFileError(f"image dimensions {width}x{height} are out of range")
-        c = cls(mode, width, height)
+        c = cls(mode, width, height, version=version)
         flags = r.u8()
         if flags & ~(FLAG_FLOW | FLAG_REST | FLAG_META) or not flags & (FLAG_FLOW | FLAG_REST):
             raise CorruptFileError("invalid flags")
@@ -184,12 +202,15 @@ class Container:
                 raise CorruptFileError("invalid model name") from None
             c.model_hash = r.take(MODEL_HASH_BYTES)
             c.tile = r.varint()
-            if not 1 <= c.tile <= MAX_TILE:
+            if version == 1 and not c.model_name:
+                raise CorruptFileError("empty model name")
+            if not (1 if version == 1 else 0) <= c.tile <= MAX_TILE:
                 raise CorruptFileError(f"invalid tile size {c.tile}")
             n = c.tiles_x * c.tiles_y
             if n > r.remaining():  # each tile needs at least its length byte
                 raise CorruptFileError("file is truncated")
-            c.tiles = [r.blob() for _ in range(n)]
+            if version == 1:
+                c.tiles = [r.blob() for _ in range(n)]
         if flags & FLAG_REST:
             c.rest_method = r.u8()
             if c.rest_method not in REST_METHODS:
@@ -199,6 +220,9 @@ class Container:
             c.meta = r.blob()
             if not c.meta:
                 raise CorruptFileError("empty metadata section")
+        if flags & FLAG_FLOW and version != 1:
+            c.tiles = [r.blob() for _ in range(n - 1)]
+            c.tiles.append(r.take(r.remaining() - 4))
         (c.crc32,) = struct.unpack("<I", r.take(4))
         if r.remaining():
             raise CorruptFileError(f"{r.remaining()} unexpected bytes after the end of the data")

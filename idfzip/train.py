@@ -129,18 +129,49 @@ def evaluate(model: HierarchicalIDF, images: list[np.ndarray], size: int = 256) 
     return bits / max(n, 1)
 
 
+def _conv_depth(state: dict, net: str) -> int:
+    """Number of convolutions in the residual branch of the ConvNet named ``net`` in ``state``."""
+    n = 0
+    while f"{net}.convs.{n}.weight" in state:
+        n += 1
+    return n
+
+
 def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
     """Copy weights from a model file into ``model`` where names match: whole tensors of equal shape, or into
-    the leading block of a tensor that has grown (extra prior outputs, extra prior inputs). Grown input columns
-    are zeroed, so the new inputs start ignored and the copied model's function is kept. Returns tensors copied."""
+    the leading block of a tensor that has grown (extra prior outputs, extra prior inputs, wider hidden layers).
+    Grown input columns are zeroed, so the new inputs start ignored. A prior network that has grown deeper gets
+    the source's layers first and last, and identity convolutions between (ReLU outputs are non-negative, so
+    an identity layer passes them unchanged). The copied model's function is kept. Returns tensors copied."""
     from safetensors.torch import load_file
 
     src = load_file(str(path))
     own = model.state_dict()
+    remap = {}  # own key -> source key, for the prior networks that have grown deeper
+    identity = set()
+    for level, nets in enumerate(model.priors):
+        for j, net in enumerate(nets):
+            name = f"priors.{level}.{j}"
+            have, want = _conv_depth(src, name), len(net.convs)
+            if 0 < have < want:
+                for i in range(want):
+                    key = f"{name}.convs.{i}"
+                    if i == want - 1:
+                        remap[key] = f"{name}.convs.{have - 1}"
+                    elif i >= have - 1:
+                        identity.add(key)
     n = 0
     with torch.no_grad():
         for k, v in own.items():
-            w = src.get(k)
+            conv, _, kind = k.rpartition(".")
+            if conv in identity:
+                v.zero_()
+                if kind == "weight":
+                    c = min(v.shape[0], v.shape[1])
+                    i = torch.arange(c)
+                    v[i, i, v.shape[2] // 2, v.shape[3] // 2] = 1.0
+                continue
+            w = src.get(f"{remap[conv]}.{kind}" if conv in remap else k)
             if w is None or w.ndim != v.ndim or any(a > b for a, b in zip(w.shape, v.shape)):
                 continue
             if w.ndim > 1 and w.shape[1] < v.shape[1]:

@@ -69,6 +69,30 @@ def shipped(name: str) -> Path:
     )
 
 
+@lru_cache(maxsize=1)
+def _shipped_hashes(folder: str, stamp: tuple) -> dict[bytes, str]:
+    return {hashlib.sha256(p.read_bytes()).digest(): p.stem for p in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def shipped_hashes() -> dict[bytes, str]:
+    """sha256 -> name of every shipped model."""
+    d = models_dir()
+    if d is None:
+        return {}
+    files = sorted(d.glob("*.safetensors"))
+    return _shipped_hashes(str(d), tuple((p.name, p.stat().st_mtime, p.stat().st_size) for p in files))
+
+
+def shipped_name(prefix: bytes) -> str | None:
+    """The name of the shipped model whose sha256 starts with ``prefix``, if there is one."""
+    return next((n for h, n in shipped_hashes().items() if h.startswith(prefix)), None)
+
+
+def is_shipped(model: Model) -> bool:
+    """Whether ``model`` is the shipped model of its name (so that files can name it by its hash alone)."""
+    return shipped_hashes().get(model.sha256) == model.name
+
+
 def resolve(name_or_path: str | None) -> Path:
     name_or_path = name_or_path or DEFAULT_MODEL
     p = Path(name_or_path)
@@ -126,8 +150,21 @@ def model_from_bytes(data: bytes, name: str, path: str = "") -> Model:
 
 
 def load_shipped(name: str) -> Model:
+    """The shipped model ``name``; for the empty name (a version 2 file's "shipped model, by hash"), see
+    ``load_by_hash``."""
     p = shipped(name)
     return _load_cached(str(p.resolve()), p.stat().st_mtime)
+
+
+def load_by_hash(prefix: bytes) -> Model:
+    """The shipped model whose sha256 starts with ``prefix``."""
+    name = shipped_name(prefix)
+    if name is None:
+        raise ModelNotFoundError(
+            f"the file was written with a shipped model ({prefix.hex()}) that this installation does not have "
+            f"(shipped: {', '.join(available()) or 'none'}); give the model file with --model"
+        )
+    return load_shipped(name)
 
 
 @lru_cache(maxsize=8)

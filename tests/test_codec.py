@@ -8,7 +8,8 @@ from conftest import make_model, photo, roundtrip
 from PIL import Image
 
 import idfzip
-from idfzip.errors import CorruptFileError, IdfzipError, ModelMismatchError
+from idfzip.container import Container
+from idfzip.errors import CorruptFileError, IdfzipError, ModelMismatchError, ModelNotFoundError
 
 
 @pytest.mark.parametrize("w,h", [(1, 1), (1, 9), (9, 1), (65, 257), (33, 31), (100, 64)])
@@ -132,6 +133,27 @@ def test_checkerboard_codes_what_training_measures(tmp_path):
     assert idfzip.decompress(data, model).tobytes() == Image.fromarray(a).tobytes()
 
 
+def test_a_shipped_model_is_named_by_its_hash_and_version_1_files_still_decode(tiny):
+    im = Image.fromarray(photo(96, 64, seed=6))
+    data = idfzip.compress(im, "natural")
+    c = Container.from_bytes(data)
+    assert (c.version, c.model_name, c.tile, len(c.tiles)) == (2, "", 0, 1)  # one tile: side 0
+    assert idfzip.inspect(data)["model"] == "natural" and idfzip.inspect(data)["tile"] == 96
+    assert idfzip.decompress(data).tobytes() == im.tobytes()  # found by its hash
+    with pytest.raises(ModelMismatchError, match="a shipped model"):
+        idfzip.decompress(data, tiny)
+    c.model_hash = bytes(b ^ 0xFF for b in c.model_hash)
+    with pytest.raises(ModelNotFoundError, match="does not have"):
+        idfzip.decompress(c.to_bytes())
+    # the same streams in the version 1 layout, as earlier builds wrote them
+    c = Container.from_bytes(data)
+    c.version, c.model_name, c.tile = 1, "natural", 1024
+    assert idfzip.decompress(c.to_bytes()).tobytes() == im.tobytes()
+    # a model that is not shipped is named; an image larger than a tile records the tile side
+    c = Container.from_bytes(idfzip.compress(im, tiny, tile=64))
+    assert (c.model_name, c.tile, len(c.tiles)) == ("tiny", 64, 2)
+
+
 @pytest.mark.parametrize("tile", [32, 64, 96])
 def test_tiles_grouped_differently(tiny, tile):
     """The same image in different tilings decodes exactly; each file records its tiling."""
@@ -180,6 +202,7 @@ def test_corruption_is_an_error_never_wrong_pixels(tiny):
         except (CorruptFileError, ModelMismatchError):
             continue
         assert out.tobytes() == im.tobytes()  # a flip that changed nothing decodable must still be exact
-    for n in (0, 3, 10, len(data) // 2, len(data) - 1):
+    # cuts anywhere, in the last tile stream (its length is implicit) included, and bytes added at the end
+    for bad in [data[:n] for n in (0, 3, 10, len(data) // 2, *range(len(data) - 12, len(data)))] + [data + b"\0"]:
         with pytest.raises(CorruptFileError):
-            idfzip.decompress(data[:n], tiny)
+            idfzip.decompress(bad, tiny)

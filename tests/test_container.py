@@ -4,24 +4,42 @@ from idfzip.container import MAX_PIXELS, Container, write_varint
 from idfzip.errors import CorruptFileError, UnsupportedVersionError
 
 
-def sample():
-    c = Container("RGBA", 70, 33, crc32=0xDEADBEEF, model_name="natural", model_hash=b"\x01\x02\x03\x04", tile=64)
-    c.tiles = [b"abcd", b"efgh" * 40]
+def sample(version=2, name="natural", tile=64):
+    c = Container("RGBA", 70, 33, crc32=0xDEADBEEF, model_name=name, model_hash=b"\x01\x02\x03\x04", tile=tile)
+    c.tiles = [b"abcd", b"efgh" * 40] if tile else [b"efgh" * 40]
     c.rest_method, c.rest = 0, b"\xff"
     c.meta = b"\x02\x05"
+    c.version = version
     return c
 
 
-def test_round_trip():
-    c = sample()
-    d = Container.from_bytes(c.to_bytes())
-    assert d == c
+SAMPLES = [sample(), sample(name="", tile=0), sample(version=1)]
+
+
+@pytest.mark.parametrize("c", SAMPLES)
+def test_round_trip(c):
+    assert Container.from_bytes(c.to_bytes()) == c
 
 
 def test_header_is_compact():
-    c = Container("RGB", 32, 32, model_name="cifar10", model_hash=b"abcd", tile=32, tiles=[b"x" * 8])
-    # magic 3 + version 1 + mode 1 + dims 2 + flags 1 + name 8 + hash 4 + tile 1 + length 1 + crc 4
-    assert len(c.to_bytes()) - 8 == 26
+    c = Container("RGB", 32, 32, model_name="", model_hash=b"abcd", tile=0, tiles=[b"x" * 1412])
+    # magic 3 + version 1 + mode 1 + dims 2 + flags 1 + name length 1 + hash 4 + tile 1 + crc 4; the last
+    # (here the only) tile stream runs up to the CRC
+    assert len(c.to_bytes()) - 1412 == 18 and c.tile_side == 32
+    c.version = 1  # a shipped model's name, a tile side and a stream length: 10 more bytes
+    c.model_name, c.tile = "cifar10", 1024
+    assert len(c.to_bytes()) - 1412 == 28
+
+
+def test_version_1_layout_is_still_read():
+    # RGB 32x32, model "n" (hash abcd), tile 32, one stream "wxyz" with its length, then the CRC
+    data = b"IDZ\x01\x00\x20\x20\x01" + b"\x01n" + b"abcd" + b"\x20" + b"\x04wxyz" + b"\x01\x02\x03\x04"
+    c = Container.from_bytes(data)
+    assert (c.version, c.model_name, c.tile, c.tiles, c.crc32) == (1, "n", 32, [b"wxyz"], 0x04030201)
+    assert c.to_bytes() == data
+    for bad in (data[:8] + b"\x00" + data[9:13] + data[14:], data[:14] + b"\x00" + data[15:]):
+        with pytest.raises(CorruptFileError):  # version 1 has neither the empty model name nor tile side 0
+            Container.from_bytes(bad)
 
 
 def test_other_modes_are_stored_by_name():
@@ -29,17 +47,24 @@ def test_other_modes_are_stored_by_name():
     assert Container.from_bytes(c.to_bytes()).mode == "BGR;24"
 
 
-def test_every_truncation_is_an_error():
-    data = sample().to_bytes()
+@pytest.mark.parametrize("c", SAMPLES)
+def test_every_truncation_is_an_error(c):
+    data = c.to_bytes()
+    # version 2's last tile stream has no length: a cut inside it (or bytes added) gives that stream other
+    # bytes, which its decoder and the CRC refuse (tests/test_codec.py), and nothing else
+    last = len(data) - len(c.tiles[-1]) if c.version == 2 else len(data)
     for n in range(len(data)):
-        with pytest.raises(CorruptFileError):
-            Container.from_bytes(data[:n])
+        if n < last:
+            with pytest.raises(CorruptFileError):
+                Container.from_bytes(data[:n])
+        else:
+            assert Container.from_bytes(data[:n]).tiles[-1] != c.tiles[-1]
 
 
 def test_trailing_bytes_bad_magic_and_version():
     data = sample().to_bytes()
     with pytest.raises(CorruptFileError):
-        Container.from_bytes(data + b"\0")
+        Container.from_bytes(sample(version=1).to_bytes() + b"\0")
     with pytest.raises(CorruptFileError, match="magic"):
         Container.from_bytes(b"PNG" + data[3:])
     with pytest.raises(UnsupportedVersionError):

@@ -71,6 +71,27 @@ def test_warm_start_into_a_checkerboard_model_keeps_the_function(tmp_path):
         assert float(new(x)) == pytest.approx(float(old(x)), rel=1e-6)
 
 
+def test_warm_start_into_a_deeper_wider_model_keeps_the_function(tmp_path):
+    torch.manual_seed(1)
+    cfg = {**TINY, "context": "checkerboard"}
+    old = HierarchicalIDF(IDFConfig(**cfg))
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_model(old, tmp_path / "old.safetensors", "old")
+    new = HierarchicalIDF(IDFConfig(**{**cfg, "prior_layers": 4, "prior_hidden": 12}))
+    assert warm_start(new, tmp_path / "old.safetensors") == len(old.state_dict())
+    assert len(new.priors[0][0].convs) == 5 and new.priors[0][0].convs[2].weight.shape == (12, 12, 3, 3)
+    x = torch.from_numpy(photo(32, 32)).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        assert float(new(x)) == pytest.approx(float(old(x)), rel=1e-6)
+    # the exact (coding) path gives the very same parameters
+    ctx = torch.randint(-40, 40, (1, 3 * 2, 8, 8)).double()
+    zj = torch.randint(-9, 9, (1, 3, 8, 8)).double()
+    for group in (0, 1):
+        assert torch.equal(new.prior_raw(0, 1, ctx, zj, group), old.prior_raw(0, 1, ctx, zj, group))
+
+
 def test_train_command_resume_and_use(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
