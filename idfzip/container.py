@@ -147,8 +147,10 @@ class Container:
         out.append(flags)
         if self.tiles:
             name = self.model_name.encode("utf-8")
-            if len(self.tiles) != self.tiles_x * self.tiles_y or (v1 and not (name and self.tile)):
+            if len(self.tiles) != self.tiles_x * self.tiles_y:
                 raise ValueError("tile count does not match the tiling")
+            if v1 and not (name and self.tile):
+                raise ValueError("version 1 needs a model name and a tile side")
             out += bytes([len(name)]) + name + self.model_hash[:MODEL_HASH_BYTES] + write_varint(self.tile)
             if v1:  # version 1: the tile streams come here, each with its length
                 for t in self.tiles:
@@ -204,7 +206,7 @@ class Container:
             c.tile = r.varint()
             if version == 1 and not c.model_name:
                 raise CorruptFileError("empty model name")
-            if not (1 if version == 1 else 0) <= c.tile <= MAX_TILE:
+            if not (1 if version == 1 else 0) <= c.tile <= MAX_TILE or c.tile_side > MAX_TILE:
                 raise CorruptFileError(f"invalid tile size {c.tile}")
             n = c.tiles_x * c.tiles_y
             if n > r.remaining():  # each tile needs at least its length byte

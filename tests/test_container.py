@@ -79,6 +79,14 @@ def test_absurd_dimensions_are_refused_before_allocation(w, h):
     assert (1 << 15) ** 2 > MAX_PIXELS
 
 
+def test_one_tile_is_only_for_images_a_tile_can_hold():
+    c = Container("RGB", 1 << 14, 8, model_name="", model_hash=b"abcd", tile=0, tiles=[b"wxyz"])
+    assert Container.from_bytes(c.to_bytes()).tile_side == 1 << 14
+    c.width += 1
+    with pytest.raises(CorruptFileError, match="tile size"):
+        Container.from_bytes(c.to_bytes())
+
+
 def test_tile_count_larger_than_the_file_is_refused():
     # 2**14 x 2**14 image with tile 1 claims 2**28 tiles in a few bytes
     head = b"IDZ\x01\x00" + write_varint(1 << 14) + write_varint(1 << 14) + b"\x01" + b"\x01n" + b"abcd" + b"\x01"
