@@ -286,10 +286,13 @@ def info(inputs):
             f"file:        {src}",
             f"image:       {d['width']}x{d['height']} {d['mode']}",
             f"size:        {d['bytes']} bytes, {d['bpd']:.4f} bits per sub-pixel",
-            f"model:       {d['model']} (sha256 {d['model_sha256_prefix']}...)" if d["model"] else "model:       none",
+            f"model:       {d['model'] or 'a shipped model not installed here'} (sha256 {d['model_sha256_prefix']}...)"
+            if d["model_sha256_prefix"]
+            else "model:       none",
         ]
         if d["tiles"]:
-            lines.append(f"tiles:       {d['tiles']} of {d['tile']}x{d['tile']}, {d['flow_bytes']} bytes")
+            grid = "1 (the whole image)" if d["tiles"] == 1 else f"{d['tiles']} of {d['tile']}x{d['tile']}"
+            lines.append(f"tiles:       {grid}, {d['flow_bytes']} bytes")
         if rest:
             lines.append(f"other data:  {rest['bytes']} bytes ({REST_METHODS[rest['method']]})")
         if d["meta_bytes"]:

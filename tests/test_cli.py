@@ -81,6 +81,7 @@ def test_info(run, tmp_path):
     r = run("info", tmp_path / "a.idfz", model=False)
     assert r.exit_code == 0
     assert "80x60 RGBA" in r.output and "bits per sub-pixel" in r.output and "tiny" in r.output
+    assert "tiles:       1 (the whole image)" in r.output
 
 
 def test_corrupt_and_truncated_files_leave_no_output(run, tmp_path):
