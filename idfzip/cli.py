@@ -293,6 +293,8 @@ def info(inputs):
         if d["tiles"]:
             grid = "1 (the whole image)" if d["tiles"] == 1 else f"{d['tiles']} of {d['tile']}x{d['tile']}"
             lines.append(f"tiles:       {grid}, {d['flow_bytes']} bytes")
+            if d["adapted_tiles"]:
+                lines.append(f"adapted:     {d['adapted_tiles']} of {d['tiles']} tiles (priors fitted to the image)")
         if rest:
             lines.append(f"other data:  {rest['bytes']} bytes ({REST_METHODS[rest['method']]})")
         if d["meta_bytes"]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import adapt
 from .coding import Decoder, Encoder
 from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
@@ -66,11 +67,21 @@ def _gather(t: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return t.flatten(2)[:, :, pos.to(t.device)].unsqueeze(2)
 
 
+def _channel_raws(flow, raw: torch.Tensor, zg: torch.Tensor) -> list[torch.Tensor]:
+    """Per channel of a slot pass, its mixture parameters (B, 3K, ...) before adaptation."""
+    K = flow.config.mixtures
+    if flow.n_ar:
+        return [flow.channel_raw(raw, c, zg[:, :c]) for c in range(flow.config.channels)]
+    return [raw[:, c * 3 * K : (c + 1) * 3 * K] for c in range(flow.config.channels)]
+
+
 @torch.no_grad()
-def _encode_tile(model: Model, rgb: np.ndarray, device: str) -> tuple[bytes, float]:
+def _encode_tile(model: Model, rgb: np.ndarray, device: str, fit: bool = True) -> tuple[adapt.Params, bytes, float]:
+    """(adaptation parameters, entropy-coded stream, its ideal length in bits). ``fit``: fit the adaptation."""
     flow = model.flow
     C, K = flow.config.channels, flow.config.mixtures
     enc = Encoder()
+    params: adapt.Params = {}
     x = torch.from_numpy(_pad(rgb, flow.multiple).astype(np.int64)).permute(2, 0, 1)[None].contiguous()
     x = flow.color_encode(x.to(device))
     for level in range(flow.config.levels):
@@ -79,25 +90,36 @@ def _encode_tile(model: Model, rgb: np.ndarray, device: str) -> tuple[bytes, flo
         for j in reversed(range(3)):  # ANS is a stack: push in the reverse of the decoding order
             ctx = torch.cat([kept, z[:, : j * C]], 1)
             zj = z[:, j * C : (j + 1) * C]
-            for g in reversed(range(len(groups))):
-                raw = _gather(flow.prior_raw(level, j, ctx, zj, g), groups[g])
-                zg = _gather(zj, groups[g])
+            segments = []  # per pass, in decoding order: (symbols, per-channel mixture parameters)
+            for g, pos in enumerate(groups):
+                zg = _gather(zj, pos)
+                segments.append((zg, _channel_raws(flow, _gather(flow.prior_raw(level, j, ctx, zj, g), pos), zg)))
+            p = adapt.fit_slot(segments, C, K) if fit else None
+            if p is not None:
+                params[level, j] = p
+            for zg, raws in reversed(segments):
+                raws = [adapt.apply(r, None if p is None else p[c], K) for c, r in enumerate(raws)]
                 if flow.n_ar:
                     for c in reversed(range(C)):
-                        enc.push(zg[:, c : c + 1], Mixture(flow.channel_raw(raw, c, zg[:, :c]), K))
+                        enc.push(zg[:, c : c + 1], Mixture(raws[c], K))
                 else:
-                    enc.push(zg, Mixture(raw, K))
+                    enc.push(zg, Mixture(torch.cat(raws, 1), K))
         x = kept
     enc.push(x, Mixture(flow.top_raw(x.shape), K))
-    return enc.finish(), enc.bits
+    return params, enc.finish(), enc.bits
 
 
 @torch.no_grad()
-def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str) -> np.ndarray:
+def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str, adapted: bool) -> np.ndarray:
+    """One tile's pixels from its stream; ``adapted``: the stream starts with an adaptation block."""
     flow = model.flow
     C, K, L = flow.config.channels, flow.config.mixtures, flow.config.levels
     m = flow.multiple
     H, W = -(-h // m) * m, -(-w // m) * m
+    params: adapt.Params = {}
+    if adapted:
+        params, n = adapt.from_bytes(data, L, C)
+        data = data[n:]
     dec = Decoder(data)
     shape = (1, C, H >> L, W >> L)
     x = dec.pop(Mixture(flow.top_raw(shape), K)).view(shape).to(device)
@@ -111,12 +133,17 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str) -> np.n
             for g, pos in enumerate(groups):
                 raw = _gather(flow.prior_raw(level, j, ctx, zj, g), pos)
                 zg = torch.zeros((1, C) + raw.shape[2:], dtype=torch.long, device=device)
+                p = params.get((level, j))
                 if flow.n_ar:
                     for c in range(C):
-                        mix = Mixture(flow.channel_raw(raw, c, zg[:, :c]), K)
-                        zg[:, c : c + 1] = dec.pop(mix).view(zg[:, c : c + 1].shape).to(device)
+                        r = adapt.apply(flow.channel_raw(raw, c, zg[:, :c]), None if p is None else p[c], K)
+                        zg[:, c : c + 1] = dec.pop(Mixture(r, K)).view(zg[:, c : c + 1].shape).to(device)
                 else:
-                    zg = dec.pop(Mixture(raw, K)).view(zg.shape).to(device)
+                    raws = [
+                        adapt.apply(r, None if p is None else p[c], K)
+                        for c, r in enumerate(_channel_raws(flow, raw, zg))
+                    ]
+                    zg = dec.pop(Mixture(torch.cat(raws, 1), K)).view(zg.shape).to(device)
                 if pos is None:
                     zj = zg
                     flat = zj.view(1, C, -1)
@@ -133,17 +160,21 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str) -> np.n
 
 
 def _encode_rgb(
-    model: Model, rgb: np.ndarray, tile: int, device: str, progress: Callable[[int], None] | None
-) -> tuple[list[bytes], float]:
+    model: Model, rgb: np.ndarray, tile: int, device: str, fit: bool, progress: Callable[[int], None] | None
+) -> tuple[list[bytes], bool, float]:
+    """(tile streams, whether they start with adaptation blocks, ideal code length in bits)."""
     h, w = rgb.shape[:2]
-    streams, bits = [], 0.0
+    coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
-        s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device)
-        streams.append(s)
+        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, fit)
+        coded.append((params, s))
         bits += b
         if progress:
             progress(tw * th)
-    return streams, bits
+    # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
+    adapted = any(params for params, _ in coded)
+    C = model.flow.config.channels
+    return [adapt.to_bytes(params, C) + s if adapted else s for params, s in coded], adapted, bits
 
 
 def compress_with_stats(
@@ -152,8 +183,10 @@ def compress_with_stats(
     tile: int = DEFAULT_TILE,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    adaptive: bool = True,
 ) -> tuple[bytes, Stats]:
-    """Compress ``image`` (PIL image or numpy array); return the .idfz bytes and what was measured."""
+    """Compress ``image`` (PIL image or numpy array); return the .idfz bytes and what was measured.
+    ``adaptive``: fit each tile's prior adaptation (idfzip.adapt); off, the file is written without it."""
     im = as_image(image)
     im.load()
     if not (1 <= im.width <= MAX_SIDE and 1 <= im.height <= MAX_SIDE) or im.width * im.height > MAX_PIXELS:
@@ -181,7 +214,7 @@ def compress_with_stats(
         c.model_name = "" if is_shipped(mdl) else mdl.name
         c.model_hash = mdl.sha256[:MODEL_HASH_BYTES]
         c.tile = 0 if max(im.width, im.height) <= tile else tile
-        c.tiles, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, progress)
+        c.tiles, c.adapted, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, adaptive, progress)
         stats.flow_bytes = sum(len(t) for t in c.tiles)
         stats.method = f"flow:{mdl.name}"
     if rest is not None:
@@ -227,7 +260,7 @@ def decompress(
             raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
         rgb = np.empty((c.height, c.width, 3), dtype=np.uint8)
         for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
-            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device)
+            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted)
             if progress:
                 progress(tw * th)
     if c.rest is not None:
@@ -263,6 +296,7 @@ def inspect(data: bytes) -> dict:
         "tile": c.tile_side if c.tiles else None,
         "tiles": len(c.tiles),
         "flow_bytes": sum(len(t) for t in c.tiles),
+        "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0") if c.adapted else 0,  # mask varint 0: not
         "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},
         "meta_bytes": len(c.meta or b""),
         "crc32": f"{c.crc32:08x}",

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from .errors import CorruptFileError, UnsupportedVersionError
 
 MAGIC = b"IDZ"
-VERSION = 2  # what writers write
-READ_VERSIONS = (1, 2)  # what readers read
+VERSION = 3  # what writers write
+READ_VERSIONS = (1, 2, 3)  # what readers read
 MAX_SIDE = 1 << 20
 MAX_PIXELS = 1 << 28
 MAX_TILE = 1 << 14
 MODEL_HASH_BYTES = 4
 
-FLAG_FLOW, FLAG_REST, FLAG_META = 1, 2, 4
+FLAG_FLOW, FLAG_REST, FLAG_META, FLAG_ADAPTED = 1, 2, 4, 8
 
 # Mode codes: never renumber, only append (a code is the byte written in every existing file).
 MODES = (
@@ -111,6 +111,7 @@ class Container:
     rest_method: int | None = None
     rest: bytes | None = None
     meta: bytes | None = None
+    adapted: bool = False  # version 3: every tile stream starts with an adaptation block (idfzip.adapt)
     version: int = VERSION
 
     @property
@@ -143,7 +144,10 @@ class Container:
             (FLAG_FLOW if self.tiles else 0)
             | (FLAG_REST if self.rest is not None else 0)
             | (FLAG_META if self.meta else 0)
+            | (FLAG_ADAPTED if self.adapted else 0)
         )
+        if self.adapted and (self.version < 3 or not self.tiles):
+            raise ValueError("adaptation blocks need format version 3 and a flow-coded part")
         out.append(flags)
         if self.tiles:
             name = self.model_name.encode("utf-8")
@@ -195,8 +199,10 @@ class Container:
             raise CorruptFileError(f"image dimensions {width}x{height} are out of range")
         c = cls(mode, width, height, version=version)
         flags = r.u8()
-        if flags & ~(FLAG_FLOW | FLAG_REST | FLAG_META) or not flags & (FLAG_FLOW | FLAG_REST):
+        known = FLAG_FLOW | FLAG_REST | FLAG_META | (FLAG_ADAPTED if version >= 3 else 0)
+        if flags & ~known or not flags & (FLAG_FLOW | FLAG_REST) or (flags & FLAG_ADAPTED and not flags & FLAG_FLOW):
             raise CorruptFileError("invalid flags")
+        c.adapted = bool(flags & FLAG_ADAPTED)
         if flags & FLAG_FLOW:
             try:
                 c.model_name = r.take(r.u8()).decode("utf-8")

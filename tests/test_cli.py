@@ -82,6 +82,7 @@ def test_info(run, tmp_path):
     assert r.exit_code == 0
     assert "80x60 RGBA" in r.output and "bits per sub-pixel" in r.output and "tiny" in r.output
     assert "tiles:       1 (the whole image)" in r.output
+    assert "adapted:     1 of 1 tiles" in r.output  # a random tiny model always gains from adapting
 
 
 def test_corrupt_and_truncated_files_leave_no_output(run, tmp_path):

@@ -4,16 +4,16 @@ from idfzip.container import MAX_PIXELS, Container, write_varint
 from idfzip.errors import CorruptFileError, UnsupportedVersionError
 
 
-def sample(version=2, name="natural", tile=64):
+def sample(version=3, name="natural", tile=64, adapted=False):
     c = Container("RGBA", 70, 33, crc32=0xDEADBEEF, model_name=name, model_hash=b"\x01\x02\x03\x04", tile=tile)
     c.tiles = [b"abcd", b"efgh" * 40] if tile else [b"efgh" * 40]
     c.rest_method, c.rest = 0, b"\xff"
     c.meta = b"\x02\x05"
-    c.version = version
+    c.version, c.adapted = version, adapted
     return c
 
 
-SAMPLES = [sample(), sample(name="", tile=0), sample(version=1)]
+SAMPLES = [sample(), sample(name="", tile=0, adapted=True), sample(version=2), sample(version=1)]
 
 
 @pytest.mark.parametrize("c", SAMPLES)
@@ -52,7 +52,7 @@ def test_every_truncation_is_an_error(c):
     data = c.to_bytes()
     # version 2's last tile stream has no length: a cut inside it (or bytes added) gives that stream other
     # bytes, which its decoder and the CRC refuse (tests/test_codec.py), and nothing else
-    last = len(data) - len(c.tiles[-1]) if c.version == 2 else len(data)
+    last = len(data) - len(c.tiles[-1]) if c.version >= 2 else len(data)
     for n in range(len(data)):
         if n < last:
             with pytest.raises(CorruptFileError):
@@ -69,6 +69,23 @@ def test_trailing_bytes_bad_magic_and_version():
         Container.from_bytes(b"PNG" + data[3:])
     with pytest.raises(UnsupportedVersionError):
         Container.from_bytes(data[:3] + b"\x09" + data[4:])
+
+
+def test_adapted_tiles_need_version_3_and_a_flow_part():
+    data = bytearray(sample(version=2).to_bytes())
+    flags = data.index(b"\x07\x07")  # flags (flow, rest, meta) then the model name's length 7
+    data[flags] |= 8
+    with pytest.raises(CorruptFileError, match="flags"):  # version 2 has no adaptation
+        Container.from_bytes(bytes(data))
+    data[3] = 3
+    assert Container.from_bytes(bytes(data)).adapted
+    rest_only = Container("L", 2, 2, rest_method=0, rest=b"\x00", version=3)
+    raw = bytearray(rest_only.to_bytes())
+    raw[7] |= 8
+    with pytest.raises(CorruptFileError, match="flags"):
+        Container.from_bytes(bytes(raw))
+    with pytest.raises(ValueError):
+        sample(version=2, adapted=True).to_bytes()
 
 
 @pytest.mark.parametrize("w,h", [(0, 5), (5, 0), (1 << 21, 1), (1 << 15, 1 << 15)])

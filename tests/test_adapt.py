@@ -1,0 +1,93 @@
+"""Per-tile prior adaptation: the fit, the block layout, and files with and without it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import photo
+from PIL import Image
+
+import idfzip
+from idfzip import adapt
+from idfzip.container import Container
+from idfzip.errors import CorruptFileError
+
+
+def test_fit_finds_a_known_miscalibration():
+    """Symbols twice as spread and 25% further from the mean than the prior says: the fit finds scale offset
+    ln 2 (b = 44/64), mean factor 1.25 (d = 16/64), and no change of the scale slope."""
+    K, n = 2, 200_000
+    g = torch.Generator().manual_seed(0)
+    log_s = torch.rand(n, generator=g) * 3.0
+    mu = torch.randn(n, generator=g) * 20.0
+    u = torch.rand(n, generator=g).clamp(1e-6, 1 - 1e-6)
+    z = torch.round(1.25 * mu + 2.0 * torch.exp(log_s) * torch.log(u / (1 - u)))
+    raw = torch.stack([torch.zeros(n), torch.full((n,), -30.0), mu, mu, log_s, log_s]).double()[None]
+    p, saved = adapt.fit([raw], [z.view(1, 1, n)], K)
+    a, b, d, _ = p.tolist()
+    assert abs(a) <= 3 and abs(b - 44) <= 4 and abs(d - 16) <= 2
+    assert saved > 0.2 * n  # about a third of a bit per symbol
+
+
+def test_zero_parameters_change_nothing():
+    raw = torch.randn(1, 9, 4, 4, dtype=torch.float64)
+    assert adapt.apply(raw, torch.zeros(4, dtype=torch.long), 3) is raw
+    out = adapt.apply(raw, torch.tensor([64, 32, -32, 0]), 3)
+    assert torch.equal(out[:, :3], raw[:, :3])
+    assert torch.equal(out[:, 3:6], raw[:, 3:6] * 0.5) and torch.equal(out[:, 6:], raw[:, 6:] * 2.0 + 0.5)
+
+
+def test_block_layout():
+    p = {(0, 1): torch.arange(12).view(3, 4) - 6, (2, 2): torch.full((3, 4), -5)}
+    data = adapt.to_bytes(p, 3)
+    assert data[:2] == bytes([0b10000010, 0b10]) and len(data) == 2 + 2 * 12  # bits 1 and 8: a 2-byte varint
+    back, n = adapt.from_bytes(data + b"rest", 3, 3)
+    assert n == len(data) and set(back) == set(p) and all(torch.equal(back[k], p[k]) for k in p)
+    assert adapt.from_bytes(b"\0abcd", 3, 3) == ({}, 1)
+    for bad in (b"", b"\x80\x10", data[:-1], b"\x80\x00"):  # nothing, a level past 3, cut, non-minimal
+        with pytest.raises(CorruptFileError):
+            adapt.from_bytes(bad, 3, 3)
+
+
+def test_adaptation_saves_bytes_and_decodes_exactly(tiny_ar):
+    im = Image.fromarray(photo(96, 64, seed=2))
+    plain, st0 = idfzip.codec.compress_with_stats(im, tiny_ar, adaptive=False)
+    fitted, st1 = idfzip.codec.compress_with_stats(im, tiny_ar)
+    assert not Container.from_bytes(plain).adapted and Container.from_bytes(fitted).adapted
+    assert len(fitted) < len(plain) and st1.nll_bits < st0.nll_bits
+    for data in (plain, fitted):
+        assert idfzip.decompress(data, tiny_ar).tobytes() == im.tobytes()
+
+
+def test_tiles_with_and_without_adaptation(tiny, monkeypatch):
+    """Once one tile is adapted every tile carries a block; an unadapted tile's is its mask, one zero byte."""
+    calls = []
+    fit_slot = adapt.fit_slot
+
+    def every_other_tile(segments, C, K):  # tiny has 2 levels of 3 slots: calls 6i to 6i + 5 are tile i's
+        calls.append(1)
+        return fit_slot(segments, C, K) if (len(calls) - 1) // 6 % 2 == 0 else None
+
+    monkeypatch.setattr(adapt, "fit_slot", every_other_tile)
+    im = Image.fromarray(photo(100, 70, seed=5))
+    data = idfzip.compress(im, tiny, tile=32)
+    c = Container.from_bytes(data)
+    masks = [t[0] for t in c.tiles]
+    assert c.adapted and not any(masks[1::2]) and all(masks[0::2])
+    assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
+
+
+def test_a_changed_parameter_is_an_error_never_wrong_pixels(tiny):
+    im = Image.fromarray(photo(96, 64, seed=3))
+    data = idfzip.compress(im, tiny)
+    c = Container.from_bytes(data)
+    assert c.adapted and c.tiles[0][0]
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        block = bytearray(c.tiles[0])
+        block[1 + int(rng.integers(0, 12))] ^= 1 << int(rng.integers(0, 8))  # in the first adapted slot
+        bad = Container.from_bytes(data)
+        bad.tiles = [bytes(block)]
+        with pytest.raises(CorruptFileError):
+            idfzip.decompress(bad.to_bytes(), tiny)
