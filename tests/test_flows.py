@@ -80,9 +80,10 @@ def test_exact_is_independent_of_strips_threads_and_batching(monkeypatch):
     net = perturbed(ConvNet(9, 12, hidden=16, layers=2), seed=7)
     x = rand_ints(2, 9, 37, 23, lo=-5000, hi=5000)
     full = net.exact(x)
-    monkeypatch.setattr(nets, "STRIP_POSITIONS", 50)  # strips of 1-2 rows
-    strips = net.exact(x)
-    assert torch.equal(full, strips)
+    monkeypatch.setattr(nets, "STRIP_BYTES", 8 * 2 * 23 * 16 * 9 * 3)  # convolutions in strips of 1 to 3 rows
+    assert torch.equal(full, net.exact(x))
+    monkeypatch.setattr(nets, "STRIP_POSITIONS", 50)  # the network in strips of 1-2 rows
+    assert torch.equal(full, net.exact(x))
     one = torch.cat([net.exact(x[i : i + 1]) for i in range(2)])
     assert torch.equal(full, one)
     threads = torch.get_num_threads()

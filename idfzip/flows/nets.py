@@ -11,7 +11,7 @@ activation is floored to a multiple of 2**-ACT_FRAC_BITS and clamped to +-2**ACT
 and every partial sum is then a multiple of a known power of two whose magnitude stays below 2**53
 (checked in ``ConvNet.__init__``), so IEEE float64 computes them without any rounding, in any summation
 order, with or without FMA, on CPU or GPU. The network output is therefore an exact function of the
-integer input, and spatial chunking (``exact`` works in horizontal strips with a halo) cannot change it.
+integer input, and spatial chunking (``exact`` works in horizontal strips of rows) cannot change it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ WEIGHT_INT_BITS = 4  # |w| < 16
 ACT_FRAC_BITS = 12
 ACT_INT_BITS = 12  # hidden activations in [-4096, 4096]
 _MANTISSA = 53
-STRIP_POSITIONS = 1 << 14  # rows per strip are chosen so a strip holds about this many positions
+# Memory: glibc keeps buffers below 32 MB on the heap and reuses them; larger ones are mapped and faulted in
+# anew on every call, which can cost more than the arithmetic. So ``exact`` runs the network on strips of
+# about STRIP_POSITIONS positions (each with a halo of rows: its activations stay near 12 MB), and each k x k
+# convolution in it on sub-strips whose unfolded input (positions x in_channels * k * k) stays near STRIP_BYTES.
+STRIP_POSITIONS = 1 << 15
+STRIP_BYTES = 3 << 23
 
 
 def _quantize_weight(w: torch.Tensor, frac_bits: int = WEIGHT_FRAC_BITS) -> torch.Tensor:
@@ -40,6 +45,23 @@ def _quantize_weight(w: torch.Tensor, frac_bits: int = WEIGHT_FRAC_BITS) -> torc
     if q.abs().max().item() >= limit:
         raise ValueError(f"weight magnitude {q.abs().max().item():.3f} exceeds the fixed-point range {limit}")
     return q
+
+
+def _conv_strips(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d(x, w, b, padding=k // 2)``, computed in horizontal strips of output rows (each from its rows
+    of input and k // 2 rows either side); exact arithmetic makes the result independent of the strips."""
+    B, c_in, H, W = x.shape
+    k = w.shape[-1]
+    pad = k // 2
+    rows = max(1, STRIP_BYTES // (8 * B * W * c_in * k * k) - 2 * pad)
+    if rows >= H or k == 1:
+        return F.conv2d(x, w, b, padding=pad)
+    xp = F.pad(x, (0, 0, pad, pad))  # the zero rows the convolution's padding would add
+    out = torch.empty(B, w.shape[0], H, W, dtype=x.dtype, device=x.device)
+    for r0 in range(0, H, rows):
+        r1 = min(H, r0 + rows)
+        out[:, :, r0:r1] = F.conv2d(xp[:, :, r0 : r1 + 2 * pad], w, b, padding=(0, pad))
+    return out
 
 
 def _floor_act(x: torch.Tensor) -> torch.Tensor:
@@ -128,20 +150,18 @@ class ConvNet(nn.Module):
             lin = self.linear
             self._frozen.insert(0, (_quantize_weight(lin.weight, LINEAR_FRAC_BITS), _quantize_weight(lin.bias)))
 
-    def _exact_full(self, x: torch.Tensor) -> torch.Tensor:
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
         frozen = self._frozen
         x = torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP)
         i = 0
         out = None
         if self.linear is not None:
-            w, b = frozen[0]
-            out = F.conv2d(x, w, b, padding=self.kernel // 2)
+            out = _conv_strips(x, *frozen[0])
             i = 1
         if self.convs:
             h = x * 2.0**-IN_SHIFT
             for _ in range(len(self.convs) - 1):
-                w, b = frozen[i]
-                h = _floor_act(F.relu(F.conv2d(h, w, b, padding=1)))
+                h = _floor_act(F.relu(_conv_strips(h, *frozen[i])))
                 i += 1
             w, b = frozen[i]
             r = F.conv2d(h, w, b)
@@ -161,14 +181,15 @@ class ConvNet(nn.Module):
         return self._exact_strips(x)
 
     def _exact_strips(self, x: torch.Tensor) -> torch.Tensor:
+        """``_exact`` on strips of rows, each with the rows either side its outputs depend on."""
         B, _, H, W = x.shape
         rows = max(1, STRIP_POSITIONS // max(1, B * W))
         if rows >= H:
-            return self._exact_full(x)
+            return self._exact(x)
         halo = self.halo
         out = torch.empty(B, self.out_ch, H, W, dtype=torch.float64, device=x.device)
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             a, b = max(0, r0 - halo), min(H, r1 + halo)
-            out[:, :, r0:r1] = self._exact_full(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
+            out[:, :, r0:r1] = self._exact(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
         return out
