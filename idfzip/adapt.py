@@ -26,6 +26,7 @@ from .priors import LOG_SCALE_MAX, LOG_SCALE_MIN, one_thread
 UNIT = 64  # parameters are integers in units of 1/UNIT
 LIMITS = ((-48, 64), (-127, 127), (-48, 64), (-48, 64))  # ranges the encoder searches for a, b, d, t
 FIT_SYMBOLS = 2048  # the search sees at most about this many symbols of a stream
+MIN_SYMBOLS = 4096  # smaller slots are not fitted: at ~0.1 bit saved per symbol they cannot pay for 12 bytes
 STEPS = (16, 8, 4, 2, 1)
 MARGIN_BITS = 16.0  # a level must save this much more than its parameters cost
 
@@ -84,6 +85,8 @@ def fit(raws: list[torch.Tensor], zs: list[torch.Tensor], K: int) -> tuple[torch
 def fit_slot(segments: list[tuple[torch.Tensor, list[torch.Tensor]]], C: int, K: int) -> torch.Tensor | None:
     """(C, 4) parameters for one slot of a level from its passes [(symbols (B, C, ...), per-channel mixture
     parameters)], or None where adapting it would not pay for its bytes."""
+    if sum(z.numel() for z, _ in segments) < MIN_SYMBOLS:
+        return None
     p = torch.zeros(C, 4, dtype=torch.long)
     saved = 0.0
     with one_thread():  # the same choices, so the same file, whatever the thread count

@@ -70,12 +70,19 @@ def test_tiles_with_and_without_adaptation(tiny, monkeypatch):
         return fit_slot(segments, C, K) if (len(calls) - 1) // 6 % 2 == 0 else None
 
     monkeypatch.setattr(adapt, "fit_slot", every_other_tile)
-    im = Image.fromarray(photo(100, 70, seed=5))
-    data = idfzip.compress(im, tiny, tile=32)
+    im = Image.fromarray(photo(192, 192, seed=5))
+    data = idfzip.compress(im, tiny, tile=96)
     c = Container.from_bytes(data)
     masks = [t[0] for t in c.tiles]
-    assert c.adapted and not any(masks[1::2]) and all(masks[0::2])
+    assert c.adapted and len(masks) == 4 and not any(masks[1::2]) and all(masks[0::2])
     assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
+
+
+def test_small_slots_are_not_fitted(tiny):
+    """A 64x64 tile's level-0 slots hold 3,072 symbols: too few to pay for the parameters, so not fitted."""
+    im = Image.fromarray(photo(64, 64, seed=1))
+    assert not Container.from_bytes(idfzip.compress(im, tiny)).adapted
+    assert Container.from_bytes(idfzip.compress(Image.fromarray(photo(96, 64, seed=1)), tiny)).adapted
 
 
 def test_a_changed_parameter_is_an_error_never_wrong_pixels(tiny):

@@ -76,13 +76,13 @@ def test_several_inputs_bad_one_reported_and_skipped(run, tmp_path):
 
 def test_info(run, tmp_path):
     src = tmp_path / "a.png"
-    Image.fromarray(np.dstack([photo(80, 60), np.full((60, 80), 255, np.uint8)]), "RGBA").save(src)
+    Image.fromarray(np.dstack([photo(96, 64), np.full((64, 96), 255, np.uint8)]), "RGBA").save(src)
     run("compress", src)
     r = run("info", tmp_path / "a.idfz", model=False)
     assert r.exit_code == 0
-    assert "80x60 RGBA" in r.output and "bits per sub-pixel" in r.output and "tiny" in r.output
+    assert "96x64 RGBA" in r.output and "bits per sub-pixel" in r.output and "tiny" in r.output
     assert "tiles:       1 (the whole image)" in r.output
-    assert "adapted:     1 of 1 tiles" in r.output  # a random tiny model always gains from adapting
+    assert "adapted:     1 of 1 tiles" in r.output  # a random tiny model gains from adapting at this size
 
 
 def test_corrupt_and_truncated_files_leave_no_output(run, tmp_path):
