@@ -3,9 +3,17 @@
 >>> import idfzip
 >>> data = idfzip.compress(image)      # PIL image or numpy array -> .idfz bytes
 >>> idfzip.decompress(data)            # -> PIL image, pixel-identical
+
+Importing the package imports neither torch nor the codec: they load on first use of a name from
+idfzip.codec (module ``__getattr__``), so ``idfzip --help`` starts at once and the command line handles
+Ctrl-C while torch loads. ``decompress`` and ``inspect`` accept bytes-like data only; anything else is a
+CorruptFileError, never a TypeError (and never ``bytes(n)``, n zero bytes).
 """
 
-from .codec import compress, compress_with_stats, decompress, inspect
+from __future__ import annotations
+
+import importlib
+
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError, ModelNotFoundError
 
 __version__ = "0.1.0"
@@ -21,3 +29,42 @@ __all__ = [
     "decompress",
     "inspect",
 ]
+_FROM_CODEC = ("compress", "compress_with_stats")
+# submodules an eager ``from .codec import ...`` used to bind as attributes (``idfzip.codec.x`` after import idfzip)
+_SUBMODULES = ("adapt", "codec", "coding", "container", "flows", "planes", "priors", "zoo")
+
+
+def _idfz_bytes(data) -> memoryview:
+    """``data`` as a view of its bytes, if it is bytes-like (bytes, bytearray, memoryview, mmap, array)."""
+    try:
+        m = memoryview(data)
+    except TypeError:
+        raise CorruptFileError(f"not .idfz data (expected bytes, got {type(data).__name__})") from None
+    return m.cast("B") if m.c_contiguous else memoryview(m.tobytes())
+
+
+def decompress(data, model=None, device: str = "cpu", progress=None):
+    """Decode .idfz bytes to a PIL image (identical pixels, mode, size, palette). ``model`` defaults to the one
+    named in the file. CorruptFileError for anything that is not an intact .idfz file."""
+    from .codec import decompress as _decompress
+
+    return _decompress(_idfz_bytes(data), model, device=device, progress=progress)
+
+
+def inspect(data) -> dict:
+    """Header facts of .idfz bytes, without decoding."""
+    from .codec import inspect as _inspect
+
+    return _inspect(_idfz_bytes(data))
+
+
+def __getattr__(name: str):
+    if name in _FROM_CODEC:
+        return getattr(importlib.import_module(".codec", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_FROM_CODEC) | set(_SUBMODULES))

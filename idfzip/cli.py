@@ -1,4 +1,10 @@
-"""Command line: the only place click and tqdm appear. Parses, calls the library, reports one line per error."""
+"""Command line: the only place click and tqdm appear. Parses, calls the library, reports one line per error.
+
+Importing this module imports neither torch nor the codec (each command imports what it uses), so
+``idfzip --help`` and ``--version`` start at once, and Ctrl-C while torch loads is the one line
+``Error: interrupted`` (exit 130) like Ctrl-C anywhere else: no traceback, no partial output. Inputs are read
+only from regular files, and an existing output, a dangling symlink included, is kept unless ``--force``.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,12 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from . import codec, zoo
 from .container import REST_METHODS
 from .errors import IdfzipError
-from .imagefile import open_image
-from .planes import same_image
+from .imagefile import open_image, read_input
 
+DEFAULT_MODEL = "natural"  # = zoo.DEFAULT_MODEL, which needs torch to import; a test checks they agree
+DEFAULT_TILE = 1024  # = codec.DEFAULT_TILE, likewise
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
 LOSSLESS_SUFFIXES = {
     ".png": "PNG",
@@ -57,17 +63,24 @@ def _umask() -> int:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the target folder, then rename: no partial output, ever."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".idfzip-", suffix=".tmp")
+    """Write through a temporary file in the target folder, then rename: no partial output, ever. An OSError
+    names ``path`` (never the temporary file, which the user did not ask for and which is gone)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".idfzip-", suffix=".tmp")
+    except OSError as e:
+        why = "not a folder" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise OSError(e.errno, f"cannot write into {path.parent}: {why}", str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a new file should follow the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 
 
@@ -90,6 +103,8 @@ def _targets(inputs: tuple[str, ...], output: str | None, out_dir: str | None, s
 def _encode_for(im: Image.Image, fmt: str) -> bytes | None:
     """The image written as ``fmt``, or None unless reading it back gives the same image (pixels, mode,
     palette, transparency, ICC, EXIF)."""
+    from .planes import same_image
+
     params = {"format": fmt}
     if fmt == "WEBP":
         params.update(lossless=True, quality=100, exact=True)
@@ -124,7 +139,7 @@ def _save_image(im: Image.Image, path: Path) -> None:
 def _check_target(dst: Path, force: bool, src: Path) -> None:
     if dst.resolve() == src.resolve():
         raise Failure(f"{dst}: output would overwrite the input")
-    if dst.exists() and not force:
+    if os.path.lexists(dst) and not force:  # a dangling symlink too: writing would replace it
         raise Failure(f"{dst}: already exists (use --force to overwrite)")
 
 
@@ -158,7 +173,7 @@ def _run_each(pairs, fn) -> None:
     "model",
     default=None,
     metavar="NAME_OR_PATH",
-    help=f"Model name or .safetensors path (default: {zoo.DEFAULT_MODEL}; decompress: the file's).",
+    help=f"Model name or .safetensors path (default: {DEFAULT_MODEL}; decompress: the file's).",
 )
 @click.option(
     "--device",
@@ -170,14 +185,16 @@ def _run_each(pairs, fn) -> None:
 @click.pass_context
 def cli(ctx, threads, model, device):
     """idfzip: lossless image compression with integer discrete flows."""
-    import torch
-
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     ctx.obj = {"model": model, "device": device}
 
 
 def _model(ctx):
+    from . import zoo
+
     return zoo.with_device(zoo.load(ctx.obj["model"]), ctx.obj["device"])
 
 
@@ -189,7 +206,7 @@ def _model(ctx):
 @click.option(
     "--tile",
     type=click.IntRange(1, 1 << 14),
-    default=codec.DEFAULT_TILE,
+    default=DEFAULT_TILE,
     show_default=True,
     help="Tile side in pixels (a multiple of the model's 2**levels).",
 )
@@ -204,6 +221,9 @@ def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
     def one(src: Path, dst: Path) -> None:
         _check_target(dst, force, src)
         im = open_image(src)
+        from . import codec  # after the checks: a bad input is refused without waiting for torch
+        from .planes import same_image
+
         if im.mode in ("RGB", "RGBA") and state["model"] is None:
             state["model"] = _model(ctx)
         t0 = time.perf_counter()
@@ -234,7 +254,10 @@ def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
 
 def _default_suffix(src: Path) -> str:
     try:
-        mode = codec.inspect(src.read_bytes())["mode"]
+        data = read_input(src)
+        from . import codec
+
+        mode = codec.inspect(data)["mode"]
     except (IdfzipError, OSError):
         return ".png"
     return ".png" if mode in PNG_MODES else ".tif"
@@ -257,7 +280,9 @@ def decompress(ctx, inputs, output, out_dir, force, verbose):
 
     def one(src: Path, dst: Path) -> None:
         _check_target(dst, force, src)
-        data = src.read_bytes()
+        data = read_input(src)
+        from . import codec, zoo
+
         info = codec.inspect(data)
         model = None
         if info["model"] is not None:
@@ -280,7 +305,10 @@ def info(inputs):
     """Show what an .idfz file holds: size, mode, model, tiles, bytes, bits per sub-pixel."""
 
     def one(src: Path, _dst) -> None:
-        d = codec.inspect(src.read_bytes())
+        data = read_input(src)
+        from . import codec
+
+        d = codec.inspect(data)
         rest = d["rest"]
         lines = [
             f"file:        {src}",
@@ -333,6 +361,7 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_
     from tqdm import tqdm
 
     from . import train as training
+    from . import zoo
 
     device = train_device or ctx.obj["device"]
     out = Path(out)
@@ -405,6 +434,7 @@ def bench(ctx, paths, bench_model, compare, json_path, plot_path, limit):
     from tqdm import tqdm
 
     from . import bench as bm
+    from . import zoo
     from .imagefile import find_images
 
     names = [c.strip().lower() for c in compare.split(",") if c.strip() and c.strip().lower() != "none"]
@@ -438,15 +468,30 @@ def bench(ctx, paths, bench_model, compare, json_path, plot_path, limit):
 @cli.command("models")
 def models_cmd():
     """List the shipped models."""
+    from . import zoo
+
     for name in zoo.available():
         m = zoo.load(name)
         click.echo(f"{name}\t{m.sha256.hex()[:16]}\t{m.flow.num_parameters()} parameters\t{m.path}")
 
 
+def _interrupted() -> None:
+    """Ctrl-C: one line and exit status 130. ``os._exit``, because a Ctrl-C that lands in an ``exec`` of source
+    text (dataclasses, namedtuples: many while torch imports) makes CPython end the process by SIGINT after
+    any ``sys.exit``; partial outputs are already gone (:func:`_atomic_write`)."""
+    click.echo("Error: interrupted", err=True)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(130)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort (after a blank line)
+            _interrupted()
         click.echo("Error: aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
@@ -457,9 +502,11 @@ def main() -> None:
     except IdfzipError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+    except OSError as e:  # outside the per-input loop (bench's --json and --plot): the file and the reason
+        click.echo(f"Error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except Exception as e:  # never a traceback for the user; IDFZIP_DEBUG=1 shows it
         if os.environ.get("IDFZIP_DEBUG"):
             raise

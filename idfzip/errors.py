@@ -21,5 +21,9 @@ class ModelNotFoundError(IdfzipError):
     """No model of that name or path exists."""
 
 
+class InputFileError(IdfzipError):
+    """An input path is no file idfzip reads: a folder, device, FIFO or socket, or a file over the size limit."""
+
+
 class InputImageError(IdfzipError):
     """The input is not an image this build can read."""

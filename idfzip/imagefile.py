@@ -1,9 +1,15 @@
-"""Reading input images: Pillow, plus the checks a careful archiver wants (PNG chunk CRCs, one frame)."""
+"""Reading input files and images: Pillow, plus the checks a careful archiver wants (PNG chunk CRCs, one frame).
+
+Inputs are read only from regular files and only up to MAX_INPUT_BYTES: a device (/dev/zero), FIFO or folder
+is refused at once, without a read that never ends or never returns.
+"""
 
 from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 import struct
 import zipfile
 import zlib
@@ -12,8 +18,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import InputImageError
+from .container import MAX_PIXELS
+from .errors import InputFileError, InputImageError
 
+# No input idfzip can use is larger: an image file of MAX_PIXELS pixels of 8 bytes (16-bit RGBA, uncompressed),
+# or an .idfz file (its planes hold at most 4 bytes a pixel, which no coding here doubles); 64 MiB more for
+# metadata (ICC, EXIF, other chunks).
+MAX_INPUT_BYTES = 8 * MAX_PIXELS + (64 << 20)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_SUFFIXES = {".png", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jpg", ".jpeg", ".gif"}
 
@@ -42,15 +53,33 @@ def check_png_chunks(data: bytes) -> None:
     raise InputImageError("PNG has no IEND chunk (truncated)")
 
 
+def read_input(path: str | Path, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """The bytes of the regular file ``path``: InputFileError at once for anything else (folder, device, FIFO,
+    socket) and for a file of more than ``limit`` bytes or one that grows while read; OSError if unreadable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InputFileError(f"{path}: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputFileError(f"{path}: not a regular file")
+        if st.st_size > limit:
+            raise InputFileError(f"{path}: {st.st_size} bytes, more than any input idfzip can use ({limit})")
+        data = f.read(st.st_size + 1)
+    if len(data) > st.st_size:
+        raise InputFileError(f"{path}: the file grew while it was read")
+    return data
+
+
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode a single-frame image; any failure is one InputImageError."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_input(path)
+    except InputFileError as e:
+        raise InputImageError(str(e)) from None
     except FileNotFoundError:
         raise InputImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputImageError(f"{path}: is a directory") from None
     except OSError as e:
         raise InputImageError(f"{path}: {e.strerror or e}") from None
     return decode_image(data, str(path))
@@ -94,7 +123,7 @@ class Source:
 
     def read(self) -> bytes:
         if self.member is None:
-            return self.path.read_bytes()
+            return read_input(self.path)
         return _zip(self.path).read(self.member)
 
     def open(self) -> Image.Image:

@@ -5,6 +5,11 @@ An image is split into an optional 8-bit RGB part (modes RGB and RGBA, coded by 
 The rest is coded with whichever of these is smallest: a constant (a few bytes: an opaque alpha plane costs
 almost nothing), PNG through Pillow (only when it reproduces the pixels exactly), or raw LZMA. So the rest
 never costs more than Pillow's PNG of it.
+
+Memory: decoding, merging and hashing go through strips of whole rows (about _STRIP_BYTES each) and never
+through ``tobytes()`` of a whole image, so a decoded plane costs about its own size: a file of a few bytes
+declaring a 16384x16384 mode F constant plane costs 1 GiB until its CRC fails, not 3. A PNG-coded plane costs
+two planes (Pillow decodes it whole, and Pillow refuses PNGs over 2 * MAX_IMAGE_PIXELS pixels).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import io
 import lzma
 import zlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -22,6 +28,39 @@ from .errors import CorruptFileError, InputImageError
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _PNG_MODES = {"1", "L", "LA", "I;16", "RGB", "RGBA"}
 _PALETTE_RAWMODES = ("RGB", "RGBA")
+_STRIP_BYTES = 1 << 24
+
+
+def _rows_per_strip(width: int) -> int:
+    return max(1, _STRIP_BYTES // (4 * width))  # no Pillow mode stores more than 4 bytes a pixel
+
+
+def _strips(im: Image.Image) -> Iterator[bytes]:
+    """``im.tobytes()`` in pieces of _rows_per_strip whole rows (the last may have fewer), without ever
+    holding a copy of the whole image."""
+    n = _rows_per_strip(im.width)
+    for y in range(0, im.height, n):
+        yield im.crop((0, y, im.width, min(y + n, im.height))).tobytes()
+
+
+def _assemble(mode: str, size: tuple[int, int], strips: Iterable[bytes]) -> Image.Image:
+    """The image whose ``tobytes()`` is the strips' concatenation, strips cut as :func:`_strips` cuts them;
+    its only full-size allocation is the image itself."""
+    w, h = size
+    n = _rows_per_strip(w)
+    im = Image.new(mode, size, None)  # not initialised: every row is pasted below
+    y, last, piece = 0, None, None
+    try:
+        for strip in strips:
+            if strip is not last:  # a constant plane repeats one strip object
+                last, piece = strip, Image.frombytes(mode, (w, min(n, h - y)), strip)
+            im.paste(piece, (0, y))
+            y += n
+    except (ValueError, OSError):
+        raise CorruptFileError("plane does not match the image header") from None
+    if y < h:
+        raise CorruptFileError("plane does not match the image header")
+    return im
 
 
 def as_image(image) -> Image.Image:
@@ -99,12 +138,15 @@ def apply_meta(im: Image.Image, meta: bytes | None) -> Image.Image:
 def signature(im: Image.Image, meta: bytes) -> int:
     """CRC32 of everything that must come back: mode, size, pixel bytes, palette and transparency."""
     crc = zlib.crc32(f"{im.mode}|{im.width}x{im.height}|".encode())
-    crc = zlib.crc32(im.tobytes(), crc)
+    for strip in _strips(im):  # = zlib.crc32(im.tobytes(), crc), without a copy of the image
+        crc = zlib.crc32(strip, crc)
     return zlib.crc32(meta, crc)
 
 
 def same_image(a: Image.Image, b: Image.Image) -> bool:
-    return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes() and encode_meta(a) == encode_meta(b)
+    if a.mode != b.mode or a.size != b.size or encode_meta(a) != encode_meta(b):
+        return False
+    return all(x == y for x, y in zip(_strips(a), _strips(b)))
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -131,8 +173,8 @@ def merge(mode: str, size: tuple[int, int], rgb: np.ndarray | None, rest: Image.
         if mode == "RGBA":
             im.putalpha(rest)
         return im
-    if mode in ("P", "PA"):
-        return Image.frombytes(mode, size, rest.tobytes())
+    if mode in ("P", "PA"):  # the rest holds the same bytes as L (LA)
+        return _assemble(mode, size, _strips(rest))
     return rest
 
 
@@ -171,39 +213,67 @@ def encode_rest(im: Image.Image) -> tuple[int, bytes]:
     return best
 
 
-def _expected_bytes(mode: str, size: tuple[int, int]) -> int:
+def _row_bytes(mode: str, width: int) -> int:
     try:
-        return len(Image.new(mode, (size[0], 1)).tobytes()) * size[1]
+        return len(Image.new(mode, (width, 1)).tobytes())
     except (ValueError, OSError):
         raise CorruptFileError(f"unsupported image mode {mode!r}") from None
 
 
+def _constant_strips(data: bytes, row: int, size: tuple[int, int]) -> Iterator[bytes]:
+    """The strips of a plane whose bytes are ``data`` repeated (for mode 1 the pattern may run across rows)."""
+    w, h = size
+    n, p = _rows_per_strip(w), len(data)
+    pattern = data * (row * min(n, h) // p + (2 if row % p else 0))  # whole rows: every full strip is pattern
+    for y in range(0, h, n):
+        start = row * y % p
+        yield pattern[start : start + row * min(n, h - y)]
+
+
+def _lzma_strips(data: bytes, row: int, size: tuple[int, int]) -> Iterator[bytearray]:
+    """The strips of an LZMA-coded plane; CorruptFileError unless the stream holds exactly its bytes."""
+    w, h = size
+    n = _rows_per_strip(w)
+    d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    try:
+        for y in range(0, h, n):
+            need, out = row * min(n, h - y), bytearray()
+            while len(out) < need:
+                chunk = d.decompress(data, max_length=need - len(out))
+                data = b""  # all input went in with the first call; later calls drain the decoder
+                if not chunk:
+                    raise CorruptFileError("compressed plane has the wrong size")
+                out += chunk
+            yield out
+        tail = b"" if d.eof else d.decompress(b"", max_length=1)
+    except (lzma.LZMAError, EOFError):
+        raise CorruptFileError("corrupted compressed plane") from None
+    if tail or not d.eof or d.unused_data:
+        raise CorruptFileError("compressed plane has the wrong size")
+
+
+def _png_plane(data: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as png:
+            if png.mode != mode or png.size != size:
+                raise CorruptFileError("embedded PNG plane does not match the header")
+            png.load()
+            im = png.copy()  # a plain image; its info (gamma, dpi...) is the PNG's, not the image's
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise CorruptFileError("corrupted PNG plane") from None
+    im.info.clear()
+    return im
+
+
 def decode_rest(method: int, data: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
-    n = _expected_bytes(mode, size)
+    row = _row_bytes(mode, size[0])
+    n = row * size[1]
     if method == REST_CONSTANT:
         if not data or n % len(data) or (mode != "1" and n // len(data) != size[0] * size[1]):
             raise CorruptFileError("invalid constant plane")
-        raw = data * (n // len(data))
-    elif method == REST_LZMA:
-        d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
-        try:
-            raw = d.decompress(data, max_length=n + 1)
-        except lzma.LZMAError:
-            raise CorruptFileError("corrupted compressed plane") from None
-        if len(raw) != n or not d.eof or d.unused_data:
-            raise CorruptFileError("compressed plane has the wrong size")
-    elif method == REST_PNG:
-        try:
-            with Image.open(io.BytesIO(data), formats=["PNG"]) as png:
-                if png.mode != mode or png.size != size:
-                    raise CorruptFileError("embedded PNG plane does not match the header")
-                png.load()
-                raw = png.tobytes()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            raise CorruptFileError("corrupted PNG plane") from None
-    else:
-        raise CorruptFileError(f"invalid coding method {method}")
-    try:
-        return Image.frombytes(mode, size, raw)
-    except (ValueError, OSError):
-        raise CorruptFileError("plane does not match the image header") from None
+        return _assemble(mode, size, _constant_strips(data, row, size))
+    if method == REST_LZMA:
+        return _assemble(mode, size, _lzma_strips(data, row, size))
+    if method == REST_PNG:
+        return _png_plane(data, mode, size)
+    raise CorruptFileError(f"invalid coding method {method}")

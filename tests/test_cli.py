@@ -1,8 +1,13 @@
 """The command line, through click's runner (fast) and a real subprocess (exit codes, no tracebacks)."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from conftest import SHARED, assert_same, photo
 from PIL import Image
 
 from idfzip.cli import cli
+from idfzip.imagefile import MAX_INPUT_BYTES
 
 
 @pytest.fixture()
@@ -228,3 +234,138 @@ def test_review_cases_give_one_named_line_each(run, tmp_path):
 def test_usage_errors_are_one_line(tmp_path):
     r = _idfzip("compress", "-o", "a.idfz", "--out-dir", "d", "x.png", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+class Hung(Exception):
+    """Not an OSError: the command's own error handling must not swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Fail instead of hanging (SIGALRM interrupts a blocking open of a FIFO)."""
+
+    def expired(*_):
+        raise Hung(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_devices_fifos_and_huge_files_are_refused_at_once(run, tmp_path):
+    fifo = tmp_path / "pipe.idfz"
+    os.mkfifo(fifo)  # no writer: opening it to read would wait forever
+    huge = tmp_path / "huge.idfz"
+    with open(huge, "wb") as f:
+        f.truncate(MAX_INPUT_BYTES + 1)  # sparse: nothing is written
+    expected = [
+        "Error: /dev/zero: not a regular file",  # read without end before: 5 GB, then MemoryError
+        f"Error: {fifo}: not a regular file",
+        f"Error: {huge}: {MAX_INPUT_BYTES + 1} bytes, more than any input idfzip can use ({MAX_INPUT_BYTES})",
+    ]
+    t = time.perf_counter()
+    with _deadline(20):
+        for cmd in (["compress", "--out-dir", tmp_path / "z"], ["decompress", "--out-dir", tmp_path / "z"], ["info"]):
+            r = run(*cmd, "/dev/zero", fifo, huge)
+            assert r.exit_code == 1 and r.output.splitlines() == expected, r.output
+    assert time.perf_counter() - t < 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.idfz", "pipe.idfz"]
+
+
+def _wait_for_torch(pid: int, limit: float = 20) -> None:
+    """Return once process ``pid`` has begun loading torch's libraries (or after 0.3 s without /proc)."""
+    maps = Path(f"/proc/{pid}/maps")
+    if not maps.exists():
+        time.sleep(0.3)
+        return
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError):
+            if "libtorch" in maps.read_text():
+                return
+        time.sleep(0.01)
+
+
+def test_ctrl_c_while_torch_loads_is_one_line_and_status_130(tmp_path):
+    Image.fromarray(photo(64, 64)).save(tmp_path / "a.png")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "idfzip.cli", "compress", "a.png"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job's children ignore it
+    )
+    _wait_for_torch(p.pid)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert "Traceback" not in err and err.strip() == "Error: interrupted" and out == "", err
+    assert p.returncode == 130
+    assert [f.name for f in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_cli_and_help_do_not_import_torch():
+    code = (
+        "import sys, idfzip.cli as c; print('torch' in sys.modules); sys.argv = ['idfzip', '--help']; c.main(); "
+        "print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and "Usage" in r.stdout, r.stderr
+    assert lines[0] == lines[-1] == "False"
+    from idfzip import cli as cli_module
+    from idfzip import codec, compress, zoo
+
+    assert compress is codec.compress  # the lazy names are the codec's
+    assert (cli_module.DEFAULT_TILE, cli_module.DEFAULT_MODEL) == (codec.DEFAULT_TILE, zoo.DEFAULT_MODEL)
+
+
+def _grey(path: Path) -> Path:
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(path)  # mode L: no model needed
+    return path
+
+
+def test_dangling_symlink_output_is_kept_without_force(run, tmp_path):
+    src = _grey(tmp_path / "a.png")
+    link = tmp_path / "a.idfz"
+    link.symlink_to(tmp_path / "nowhere")
+    r = run("compress", src)
+    assert r.exit_code == 1 and "already exists" in r.output
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+    assert run("compress", "--force", src).exit_code == 0
+    assert not link.is_symlink() and link.is_file()
+
+
+def test_unwritable_output_folder_is_named_not_a_temporary_file(run, tmp_path, monkeypatch):
+    src = _grey(tmp_path / "a.png")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    r = run("compress", "-o", blocker / "a.idfz", src)
+    assert r.exit_code == 1 and r.output == f"Error: {blocker / 'a.idfz'}: cannot write into {blocker}: not a folder\n"
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def refuse(*args, dir=None, **kwargs):  # what a read-only folder does, also for root
+        raise PermissionError(13, "Permission denied", os.path.join(dir, ".idfzip-never-made.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    r = run("compress", "-o", out / "a.idfz", src)
+    assert r.exit_code == 1 and r.output == f"Error: {out / 'a.idfz'}: cannot write into {out}: Permission denied\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(run, tmp_path):
+    src = _grey(tmp_path / "a.png")
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        r = run("compress", "-o", out / "a.idfz", src)
+    finally:
+        out.chmod(0o755)
+    assert r.exit_code == 1 and r.output == f"Error: {out / 'a.idfz'}: cannot write into {out}: Permission denied\n"
