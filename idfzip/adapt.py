@@ -8,78 +8,105 @@ integers (a, b, d, t), in units of 1/64, that transform that stream's mixture pa
     means       m' = m * (1 + d/64)          (after the channel-autoregressive shift)
     logits      w' = w * (1 + t/64)
 
-The encoder fits them by a greedy integer search on the ideal code length of (a subsample of) the stream's
-symbols, and adapts a slot only where the estimated saving exceeds the bytes its parameters take. The
-decoder applies the same float64 operations, in the same order, to the same network outputs, so both build
-identical tables. Block layout (docs/FORMAT.md): a varint mask (bit 3l + j: slot j of level l adapted), then
-per adapted slot in mask order C x 4 signed bytes, ordered channel, (a, b, d, t).
+The encoder fits them by a greedy integer search on the integer code length of (a subsample of) the stream's
+symbols, and adapts a slot only where the estimated saving exceeds the bytes its parameters take. Since
+version 4 the transform is integer arithmetic on the quantised parameters (priors.adapt_int), and so is the
+search, so every machine makes the same choices and builds the same tables. Version 3 files are decoded
+with ``apply``, the float64 form they were written with. Block layout (docs/FORMAT.md): a varint mask
+(bit 3l + j: slot j of level l adapted), then per adapted slot in mask order C x 4 signed bytes, ordered
+channel, (a, b, d, t).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .container import Reader, write_varint
 from .errors import CorruptFileError
-from .priors import LOG_SCALE_MAX, LOG_SCALE_MIN, one_thread
+from .priors import IntMixture, adapt_int, quantize
 
 UNIT = 64  # parameters are integers in units of 1/UNIT
 LIMITS = ((-48, 64), (-127, 127), (-48, 64), (-48, 64))  # ranges the encoder searches for a, b, d, t
 FIT_SYMBOLS = 2048  # the search sees at most about this many symbols of a stream
 MIN_SYMBOLS = 4096  # smaller slots are not fitted: at ~0.1 bit saved per symbol they cannot pay for 12 bytes
 STEPS = (16, 8, 4, 2, 1)
-MARGIN_BITS = 16.0  # a level must save this much more than its parameters cost
+MARGIN_BITS = 16  # a slot must save this much more than its parameters cost
+MIN_GAIN = 66  # a search step must save at least this many 2**-16 bits (about 1e-3 bits)
 
 Params = dict[tuple[int, int], torch.Tensor]  # (level, slot) -> (C, 4) int64
 
 
 def apply(raw: torch.Tensor, p: torch.Tensor | None, K: int) -> torch.Tensor:
-    """One channel's mixture parameters raw (B, 3K, ...) [logits, means, log-scales] transformed by p = (a, b,
-    d, t) (integers); None or zeros leave raw as it is."""
+    """Version 3 only: one channel's mixture parameters raw (B, 3K, ...) [logits, means, log-scales]
+    transformed by p = (a, b, d, t) (integers) in float64; None or zeros leave raw as it is."""
     if p is None or not bool(p.any()):
         return raw
     a, b, d, t = (float(v) / UNIT for v in p.tolist())
     return torch.cat([raw[:, :K] * (1.0 + t), raw[:, K : 2 * K] * (1.0 + d), raw[:, 2 * K :] * (1.0 + a) + b], 1)
 
 
-def _bits(cands: torch.Tensor, logits, mu, log_s, z) -> torch.Tensor:
-    """Ideal code length (bits) of symbols z (n,) under each candidate (m, 4) of the transform (float32; a
-    logistic is symmetric, so each bin's mass is taken on the side of the mean where it is accurate)."""
-    a, b, d, t = (cands[:, i].view(-1, 1, 1) / UNIT for i in range(4))
-    inv_s = torch.exp(-torch.clamp(log_s * (1.0 + a) + b, LOG_SCALE_MIN, LOG_SCALE_MAX))
-    dist = (z.view(1, -1, 1) - mu * (1.0 + d)).abs_()
-    p = torch.sigmoid((0.5 - dist) * inv_s) - torch.sigmoid((-0.5 - dist) * inv_s)
-    w = logits * (1.0 + t)
-    w = torch.exp(w - w.amax(2, keepdim=True))  # softmax weights, unnormalised (torch.softmax is slow here)
-    p = (p * w).sum(2) / w.sum(2)
-    return -torch.log2(p.clamp_(min=1e-30)).sum(1)
+def _subsample(n: int) -> np.ndarray:
+    """At most FIT_SYMBOLS positions of n, spread pseudo-randomly (a strided subsample could see only a few image
+    columns): i * 2654435761 mod n, distinct as that prime exceeds any n here."""
+    if n <= FIT_SYMBOLS:
+        return np.arange(n)
+    return (np.arange(FIT_SYMBOLS, dtype=np.int64) * 2654435761) % n
 
 
-def fit(raws: list[torch.Tensor], zs: list[torch.Tensor], K: int) -> tuple[torch.Tensor, float]:
-    """Parameters (4,) int64 for one stream, given its segments' mixture parameters raws[i] (B, 3K, ...) and
-    symbols zs[i] (B, 1, ...), and the estimated saving in bits over the whole stream."""
-    r = torch.cat([x.detach().reshape(x.shape[0], 3 * K, -1).permute(0, 2, 1).reshape(-1, 3 * K) for x in raws])
-    z = torch.cat([x.reshape(-1) for x in zs])
-    n = len(z)
-    if n > FIT_SYMBOLS:  # a fixed pseudo-random subsample (a strided one could see only a few image columns)
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(n))[:FIT_SYMBOLS].to(z.device)
-        r, z = r[pick], z[pick]
-    r, z = r.float().cpu(), z.float().cpu()
-    logits, mu, log_s = (r[None, :, i * K : (i + 1) * K].contiguous() for i in range(3))
-    lo = torch.tensor([lim[0] for lim in LIMITS], dtype=torch.float32)
-    hi = torch.tensor([lim[1] for lim in LIMITS], dtype=torch.float32)
-    p = torch.zeros(4)
-    base = cur = float(_bits(p[None], logits, mu, log_s, z)[0])
-    eye = torch.eye(4)
+def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy integer search for C streams at once: quantised parameters q (C, 3K, m), symbols z (C, m) ->
+    parameters (C, 4) and each stream's saving on these symbols in units of 2**-16 bits (C,).
+
+    Per stream, for each step s of STEPS: move to the best of the 8 neighbours p +- s e_i (clamped to LIMITS)
+    while that saves at least MIN_GAIN, at most 32 times; the cost is IntMixture.ideal_length, so every
+    comparison is between integers and every machine makes the same choices (ties: the first candidate)."""
+    C, _, m = q.shape
+    lo = np.array([lim[0] for lim in LIMITS], dtype=np.int64)
+    hi = np.array([lim[1] for lim in LIMITS], dtype=np.int64)
+    eye = np.concatenate([np.eye(4, dtype=np.int64), -np.eye(4, dtype=np.int64)])  # (8, 4)
+
+    def costs(qs, zs):  # qs (c, r, 3K, m) zs (c, m) -> (c, r)
+        c, r = qs.shape[:2]
+        flat = np.moveaxis(qs, 2, 0).reshape(3 * K, -1)
+        bits = IntMixture.from_quantized(flat, K).ideal_length(np.broadcast_to(zs[:, None], (c, r, m)).reshape(-1))
+        return bits.reshape(c, r, m).sum(2)
+
+    p = np.zeros((C, 4), dtype=np.int64)
+    base = costs(q[:, None], z)[:, 0]
+    cur = base.copy()
     for s in STEPS:
+        active = np.ones(C, dtype=bool)
         for _ in range(32):
-            cands = torch.clamp(torch.cat([p + s * eye, p - s * eye]), lo, hi)
-            f = _bits(cands, logits, mu, log_s, z)
-            i = int(torch.argmin(f))
-            if float(f[i]) >= cur - 1e-3:
+            act = np.flatnonzero(active)
+            cands = np.clip(p[act, None, :] + s * eye, lo, hi)  # (c, 8, 4)
+            qq = adapt_int(q[act, None], cands[..., None], K, axis=2)  # (c, 8, 3K, m)
+            f = costs(qq, z[act])
+            i = np.argmin(f, 1)
+            best = f[np.arange(len(act)), i]
+            better = best <= cur[act] - MIN_GAIN
+            p[act[better]] = cands[better, i[better]]
+            cur[act[better]] = best[better]
+            active[act[~better]] = False
+            if not active.any():
                 break
-            p, cur = cands[i], float(f[i])
-    return p.long(), (base - cur) * n / len(z)
+    return p, base - cur
+
+
+def _streams(raws: list[torch.Tensor], zs: list[torch.Tensor], K: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One stream's subsample: quantised parameters (3K, m), symbols (m,), and the stream's length n."""
+    r = torch.cat([x.detach().reshape(x.shape[0], 3 * K, -1).permute(1, 0, 2).reshape(3 * K, -1) for x in raws], 1)
+    z = torch.cat([x.reshape(-1) for x in zs]).long().cpu().numpy()
+    pick = _subsample(len(z))
+    return quantize(r[:, torch.from_numpy(pick).to(r.device)]), z[pick], len(z)
+
+
+def fit(raws: list[torch.Tensor], zs: list[torch.Tensor], K: int) -> tuple[torch.Tensor, int]:
+    """Parameters (4,) int64 for one stream, given its segments' mixture parameters raws[i] (B, 3K, ...) and
+    symbols zs[i] (B, 1, ...), and the estimated saving over the whole stream in units of 2**-16 bits."""
+    q, z, n = _streams(raws, zs, K)
+    p, saved = _search(q[None], z[None], K)
+    return torch.from_numpy(p[0]), int(saved[0]) * n // len(z)
 
 
 def fit_slot(segments: list[tuple[torch.Tensor, list[torch.Tensor]]], C: int, K: int) -> torch.Tensor | None:
@@ -87,13 +114,10 @@ def fit_slot(segments: list[tuple[torch.Tensor, list[torch.Tensor]]], C: int, K:
     parameters)], or None where adapting it would not pay for its bytes."""
     if sum(z.numel() for z, _ in segments) < MIN_SYMBOLS:
         return None
-    p = torch.zeros(C, 4, dtype=torch.long)
-    saved = 0.0
-    with one_thread():  # the same choices, so the same file, whatever the thread count
-        for c in range(C):
-            p[c], s = fit([raws[c] for _, raws in segments], [z[:, c : c + 1] for z, _ in segments], K)
-            saved += s
-    return p if saved > 8 * 4 * C + MARGIN_BITS else None
+    streams = [_streams([raws[c] for _, raws in segments], [z[:, c : c + 1] for z, _ in segments], K) for c in range(C)]
+    n, m = streams[0][2], len(streams[0][1])
+    p, saved = _search(np.stack([s[0] for s in streams]), np.stack([s[1] for s in streams]), K)
+    return torch.from_numpy(p) if int(saved.sum()) * n // m > (8 * 4 * C + MARGIN_BITS) << 16 else None
 
 
 def to_bytes(params: Params, C: int) -> bytes:

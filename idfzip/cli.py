@@ -312,6 +312,8 @@ def info(inputs):
         rest = d["rest"]
         lines = [
             f"file:        {src}",
+            f"format:      .idfz version {d['version']}"
+            + ("" if d["version"] >= 4 else " (float coding tables: decodes on the kind of machine that wrote it)"),
             f"image:       {d['width']}x{d['height']} {d['mode']}",
             f"size:        {d['bytes']} bytes, {d['bpd']:.4f} bits per sub-pixel",
             f"model:       {d['model'] or 'a shipped model not installed here'} (sha256 {d['model_sha256_prefix']}...)"

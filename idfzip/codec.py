@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from . import adapt
-from .coding import Decoder, Encoder
+from .coding import Decoder, Encoder, max_symbols
 from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
-from .priors import Mixture
+from .priors import FloatMixture, IntMixture
 from .zoo import Model, is_shipped, load, load_by_hash, load_shipped, shipped_name
 
 DEFAULT_TILE = 1024
@@ -67,92 +67,168 @@ def _gather(t: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return t.flatten(2)[:, :, pos.to(t.device)].unsqueeze(2)
 
 
-def _channel_raws(flow, raw: torch.Tensor, zg: torch.Tensor) -> list[torch.Tensor]:
-    """Per channel of a slot pass, its mixture parameters (B, 3K, ...) before adaptation."""
-    K = flow.config.mixtures
-    if flow.n_ar:
-        return [flow.channel_raw(raw, c, zg[:, :c]) for c in range(flow.config.channels)]
-    return [raw[:, c * 3 * K : (c + 1) * 3 * K] for c in range(flow.config.channels)]
+def _mixture(raws: list[torch.Tensor], p: torch.Tensor | None, K: int, portable: bool):
+    """One segment's mixture from per-channel network outputs raws[c] (B, 3K, ...) and their adaptation
+    p (len(raws), 4) or None: integer (version 4) or, for older files, float."""
+    if portable:
+        return IntMixture(torch.cat(raws, 1), K, p)
+    return FloatMixture(torch.cat([adapt.apply(r, None if p is None else p[c], K) for c, r in enumerate(raws)], 1), K)
+
+
+def _symbols(flow, H: int, W: int) -> int:
+    """Symbols coded for an H x W (padded) tile: one per pixel and channel."""
+    return flow.config.channels * H * W
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One coded segment of a tile: the top (``level`` = levels), or pass ``group`` of slot ``slot`` of level
+    ``level``, restricted to channel ``channel`` with channel_ar (None: all of the slot's channels)."""
+
+    level: int
+    slot: int = 0
+    group: int = 0
+    channel: int | None = None
+
+
+def schedule(flow) -> list[Segment]:
+    """Every segment of a tile in decode order (docs/FORMAT.md): the top, then levels L-1 .. 0, slots 0, 1, 2,
+    passes, channels. The decoder walks it forwards; the encoder walks it backwards (ANS is a stack)."""
+    L, C = flow.config.levels, flow.config.channels
+    steps = [Segment(L)]
+    for level in reversed(range(L)):
+        for j in range(3):
+            for g in range(flow.passes):
+                steps += [Segment(level, j, g, c) for c in range(C)] if flow.n_ar else [Segment(level, j, g)]
+    return steps
+
+
+class _Tile:
+    """The latents of one padded H x W tile, complete (encoder) or filled in segment by segment (decoder), and
+    the mixture of each segment. A segment's mixture depends only on segments before it in ``schedule``, so
+    the encoder (which knows every latent) computes exactly the decoder's mixtures, in either direction."""
+
+    def __init__(self, flow, H: int, W: int, device: str, portable: bool, params: adapt.Params):
+        self.flow, self.device, self.portable, self.params = flow, device, portable, params
+        self.L, self.C, self.K = flow.config.levels, flow.config.channels, flow.config.mixtures
+        shape = [(H >> (lv + 1), W >> (lv + 1)) for lv in range(self.L)]
+        self.z = [torch.zeros((1, 3 * self.C) + s, dtype=torch.long, device=device) for s in shape]
+        self.groups = [flow.groups(*s) for s in shape]
+        self.kept: dict[int, torch.Tensor] = {}  # level -> its kept channels; kept[L - 1] is the top
+        self.top_shape = (1, self.C) + shape[-1]
+        self._slot: tuple[int, int] | None = None  # the slot whose passes' network outputs are cached
+        self._raw: dict[int, torch.Tensor] = {}
+
+    def encode(self, rgb: np.ndarray) -> None:
+        """All latents of a tile's pixels (encoder)."""
+        x = torch.from_numpy(_pad(rgb, self.flow.multiple).astype(np.int64)).permute(2, 0, 1)[None].contiguous()
+        x = self.flow.color_encode(x.to(self.device))
+        for level in range(self.L):
+            x, self.z[level] = self.flow.level_encode(level, x)
+            self.kept[level] = x
+
+    def pixels(self) -> torch.Tensor:
+        """The padded tile's pixels (1, C, H, W) once every segment is stored (decoder)."""
+        return self.flow.color_decode(self.flow.level_decode(0, self._kept(0), self.z[0]))
+
+    def _kept(self, level: int) -> torch.Tensor:
+        if level not in self.kept:  # decoder: level + 1 is complete by the time level is needed
+            self.kept[level] = self.flow.level_decode(level + 1, self._kept(level + 1), self.z[level + 1])
+        return self.kept[level]
+
+    def symbols(self, seg: Segment) -> torch.Tensor:
+        if seg.level == self.L:
+            return self.kept[self.L - 1]
+        zg = _gather(self.z[seg.level][:, seg.slot * self.C : (seg.slot + 1) * self.C], self._pos(seg))
+        return zg if seg.channel is None else zg[:, seg.channel : seg.channel + 1]
+
+    def store(self, seg: Segment, values: torch.Tensor) -> None:
+        values = values.to(self.device)
+        if seg.level == self.L:
+            self.kept[self.L - 1] = values.view(self.top_shape)
+            return
+        c0 = seg.slot * self.C + (seg.channel or 0)
+        c1 = c0 + (1 if seg.channel is not None else self.C)
+        z = self.z[seg.level]
+        pos = self._pos(seg)
+        if pos is None:
+            z[:, c0:c1] = values.view((1, c1 - c0) + z.shape[2:])
+        else:
+            z.view(1, z.shape[1], -1)[:, c0:c1, pos.to(self.device)] = values.view(1, c1 - c0, -1)
+
+    def _pos(self, seg: Segment) -> torch.Tensor | None:
+        return self.groups[seg.level][seg.group]
+
+    def channel_raws(self, level: int, j: int, g: int) -> list[torch.Tensor]:
+        """Per channel of pass g of slot j, its network outputs (B, 3K, ...) before adaptation (with channel_ar
+        channel c's needs the pass's channels < c, so the decoder asks for it only once they are stored)."""
+        if self._slot != (level, j):
+            self._slot, self._raw = (level, j), {}
+        if g not in self._raw:
+            C, z = self.C, self.z[level]
+            ctx = torch.cat([self._kept(level), z[:, : j * C]], 1)
+            raw = self.flow.prior_raw(level, j, ctx, z[:, j * C : (j + 1) * C], g)
+            self._raw[g] = _gather(raw, self.groups[level][g])
+        raw, K = self._raw[g], self.K
+        if self.flow.n_ar:
+            zg = self.symbols(Segment(level, j, g))
+            return [self.flow.channel_raw(raw, c, zg[:, :c]) for c in range(self.C)]
+        return [raw[:, c * 3 * K : (c + 1) * 3 * K] for c in range(self.C)]
+
+    def mixture(self, seg: Segment):
+        if seg.level == self.L:
+            return _mixture([self.flow.top_raw(self.top_shape)], None, self.K, self.portable)
+        raws = self.channel_raws(seg.level, seg.slot, seg.group)
+        p = self.params.get((seg.level, seg.slot))
+        if seg.channel is not None:
+            c = seg.channel
+            return _mixture([raws[c]], None if p is None else p[c : c + 1], self.K, self.portable)
+        return _mixture(raws, p, self.K, self.portable)
+
+    def fit(self, level: int, j: int) -> None:
+        """Encoder: fit slot j of level l's adaptation to its passes (idfzip.adapt), stored in params."""
+        passes = range(self.flow.passes)
+        segments = [(self.symbols(Segment(level, j, g)), self.channel_raws(level, j, g)) for g in passes]
+        p = adapt.fit_slot(segments, self.C, self.K)
+        if p is not None:
+            self.params[level, j] = p
 
 
 @torch.no_grad()
 def _encode_tile(model: Model, rgb: np.ndarray, device: str, fit: bool = True) -> tuple[adapt.Params, bytes, float]:
     """(adaptation parameters, entropy-coded stream, its ideal length in bits). ``fit``: fit the adaptation."""
     flow = model.flow
-    C, K = flow.config.channels, flow.config.mixtures
+    m = flow.multiple
+    tile = _Tile(flow, -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m, device, True, {})
+    tile.encode(rgb)
     enc = Encoder()
-    params: adapt.Params = {}
-    x = torch.from_numpy(_pad(rgb, flow.multiple).astype(np.int64)).permute(2, 0, 1)[None].contiguous()
-    x = flow.color_encode(x.to(device))
-    for level in range(flow.config.levels):
-        kept, z = flow.level_encode(level, x)
-        groups = flow.groups(*kept.shape[2:])
-        for j in reversed(range(3)):  # ANS is a stack: push in the reverse of the decoding order
-            ctx = torch.cat([kept, z[:, : j * C]], 1)
-            zj = z[:, j * C : (j + 1) * C]
-            segments = []  # per pass, in decoding order: (symbols, per-channel mixture parameters)
-            for g, pos in enumerate(groups):
-                zg = _gather(zj, pos)
-                segments.append((zg, _channel_raws(flow, _gather(flow.prior_raw(level, j, ctx, zj, g), pos), zg)))
-            p = adapt.fit_slot(segments, C, K) if fit else None
-            if p is not None:
-                params[level, j] = p
-            for zg, raws in reversed(segments):
-                raws = [adapt.apply(r, None if p is None else p[c], K) for c, r in enumerate(raws)]
-                if flow.n_ar:
-                    for c in reversed(range(C)):
-                        enc.push(zg[:, c : c + 1], Mixture(raws[c], K))
-                else:
-                    enc.push(zg, Mixture(torch.cat(raws, 1), K))
-        x = kept
-    enc.push(x, Mixture(flow.top_raw(x.shape), K))
-    return params, enc.finish(), enc.bits
+    fitted = set()
+    for seg in reversed(schedule(flow)):
+        if fit and seg.level < flow.config.levels and (seg.level, seg.slot) not in fitted:
+            fitted.add((seg.level, seg.slot))
+            tile.fit(seg.level, seg.slot)
+        enc.push(tile.symbols(seg), tile.mixture(seg))
+    return tile.params, enc.finish(), enc.bits
 
 
 @torch.no_grad()
-def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str, adapted: bool) -> np.ndarray:
+def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str, adapted: bool, version: int) -> np.ndarray:
     """One tile's pixels from its stream; ``adapted``: the stream starts with an adaptation block."""
     flow = model.flow
-    C, K, L = flow.config.channels, flow.config.mixtures, flow.config.levels
     m = flow.multiple
     H, W = -(-h // m) * m, -(-w // m) * m
     params: adapt.Params = {}
     if adapted:
-        params, n = adapt.from_bytes(data, L, C)
+        params, n = adapt.from_bytes(data, flow.config.levels, flow.config.channels)
         data = data[n:]
-    dec = Decoder(data)
-    shape = (1, C, H >> L, W >> L)
-    x = dec.pop(Mixture(flow.top_raw(shape), K)).view(shape).to(device)
-    for level in reversed(range(L)):
-        shape = (1, C, H >> (level + 1), W >> (level + 1))
-        groups = flow.groups(*shape[2:])
-        ctx, zs = x, []
-        for j in range(3):
-            zj = torch.zeros(shape, dtype=torch.long, device=device)
-            flat = zj.view(1, C, -1)
-            for g, pos in enumerate(groups):
-                raw = _gather(flow.prior_raw(level, j, ctx, zj, g), pos)
-                zg = torch.zeros((1, C) + raw.shape[2:], dtype=torch.long, device=device)
-                p = params.get((level, j))
-                if flow.n_ar:
-                    for c in range(C):
-                        r = adapt.apply(flow.channel_raw(raw, c, zg[:, :c]), None if p is None else p[c], K)
-                        zg[:, c : c + 1] = dec.pop(Mixture(r, K)).view(zg[:, c : c + 1].shape).to(device)
-                else:
-                    raws = [
-                        adapt.apply(r, None if p is None else p[c], K)
-                        for c, r in enumerate(_channel_raws(flow, raw, zg))
-                    ]
-                    zg = dec.pop(Mixture(torch.cat(raws, 1), K)).view(zg.shape).to(device)
-                if pos is None:
-                    zj = zg
-                    flat = zj.view(1, C, -1)
-                else:
-                    flat[:, :, pos.to(device)] = zg.view(1, C, -1)
-            zs.append(zj)
-            ctx = torch.cat([ctx, zj], 1)
-        x = flow.level_decode(level, x, torch.cat(zs, 1))
-    x = flow.color_decode(x).cpu()
+    portable = version >= 4
+    if portable and _symbols(flow, H, W) > max_symbols(len(data)):
+        raise CorruptFileError("entropy-coded stream is too short for its tile")
+    dec = Decoder(data, portable)
+    tile = _Tile(flow, H, W, device, portable, params)
+    for seg in schedule(flow):
+        tile.store(seg, dec.pop(tile.mixture(seg)))
+    x = tile.pixels().cpu()
     dec.check_end()
     if int(x.min()) < 0 or int(x.max()) > 255:
         raise CorruptFileError("decoded pixels out of range (corrupted data or wrong model)")
@@ -202,10 +278,13 @@ def compress_with_stats(
     rgb, rest = split(im)
     stats = Stats(subpixels=subpixels(im))
     classical = None
-    if rgb is not None and (im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN):
+    # one colour everywhere: the flow would still spend coding.MIN_SYMBOL_BITS per sub-pixel, the classical
+    # coding (a constant) a few bytes, so only that is written
+    flat = rgb is not None and bool((rgb == rgb[:1, :1]).all())
+    if rgb is not None and (flat or im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN):
         classical = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
         classical.rest_method, classical.rest = encode_rest(im)
-    if rgb is not None:
+    if rgb is not None and not flat:
         mdl = mdl or load(model)
         m = mdl.flow.multiple
         if tile < m or tile % m:
@@ -217,14 +296,14 @@ def compress_with_stats(
         c.tiles, c.adapted, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, adaptive, progress)
         stats.flow_bytes = sum(len(t) for t in c.tiles)
         stats.method = f"flow:{mdl.name}"
-    if rest is not None:
+    if rest is not None and not flat:
         c.rest_method, c.rest = encode_rest(rest)
         if not c.tiles:
             stats.method = "classical"
-    data = c.to_bytes()
+    data = None if flat else c.to_bytes()
     if classical is not None:
         alt = classical.to_bytes()
-        if len(alt) < len(data):
+        if data is None or len(alt) < len(data):
             data, stats.method, stats.flow_bytes = alt, "classical", 0  # nll_bits: still the model's NLL
     stats.bytes = len(data)
     return data, stats
@@ -260,7 +339,7 @@ def decompress(
             raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
         rgb = np.empty((c.height, c.width, 3), dtype=np.uint8)
         for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
-            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted)
+            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version)
             if progress:
                 progress(tw * th)
     if c.rest is not None:
@@ -286,6 +365,7 @@ def inspect(data: bytes) -> dict:
         bands = 1
     n = c.width * c.height * bands
     return {
+        "version": c.version,
         "mode": c.mode,
         "width": c.width,
         "height": c.height,

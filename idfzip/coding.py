@@ -1,14 +1,24 @@
 """Entropy coding of integer latents with constriction's rANS stack coder. The only importer of constriction.
 
-A *segment* is an array of integer symbols with one :class:`~idfzip.priors.Mixture` each. Within a segment
-the symbols are split by window width class (ascending), each class coded in position order in chunks of a
-fixed number of symbols per table, under ``Categorical(perfect=False)`` tables built by ``Mixture.table``; a
-symbol outside its window is coded as the escape entry and then sent raw as two 16-bit uniform symbols after
-all the categorical symbols of the segment. The decoder rebuilds exactly the same chunks in the same order,
-so the tables it builds are the encoder's.
+A *segment* is an array of integer symbols with one mixture each (:class:`~idfzip.priors.IntMixture`, or
+for files before version 4 :class:`~idfzip.priors.FloatMixture`). Within a segment the symbols are split by
+window width class (ascending), each class coded in position order in chunks of a fixed number of symbols per
+table, under ``Categorical(perfect=False)`` tables built by the mixture; a symbol outside its window is coded
+as the escape entry. Version 4 has two stages: every symbol is first coded in its narrow *core* window
+(``IntMixture.table``), then the symbols that escaped it in their wider *tail* window (``tail_table``, the
+mixture outside the core, renormalised), grouped by tail width class in position order; versions 1-3 have one
+window. What escapes the last stage is sent raw as two 16-bit uniform symbols after all the categorical
+symbols of the segment. The decoder rebuilds exactly the same chunks in the same order, so the tables it
+builds are the encoder's.
 
 ANS is a stack: segments must be pushed to :class:`Encoder` in the reverse of the order in which
 :class:`Decoder` pops them.
+
+Bounded work (version 4, ``portable``): the encoder first pushes a 32-bit sentinel, which lifts the coder's
+state to SENTINEL_VALID_BITS valid bits; no later push lowers it, so a decoder that finds fewer valid bits
+before a chunk has read past the stream's end and stops with CorruptFileError. As every integer table keeps
+each symbol's probability at most 1 - 2**-8 (priors.MAX_FREQ), each symbol costs the stream at least
+MIN_SYMBOL_BITS, so a stream of b bits can hold at most ``max_symbols(b)`` symbols.
 
 constriction's bit stream depends on its version and on ``perfect=False``: the version is pinned in
 pyproject.toml and ``perfect=False`` is always passed explicitly.
@@ -16,70 +26,148 @@ pyproject.toml and ``perfect=False`` is always passed explicitly.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import constriction
 import numpy as np
 import torch
 
 from .errors import CorruptFileError
-from .priors import WIDTHS, Mixture, one_thread
+from .priors import PROB_BITS, WIDTHS, FloatMixture, IntMixture, one_thread
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 _U16 = constriction.stream.model.Uniform(1 << 16)
 _RAW_BIAS = 1 << 31
-TABLE_ENTRIES = 1 << 20  # a chunk's table holds at most about this many probabilities
+TABLE_ENTRIES = 1 << 20  # a chunk's table holds at most about this many probabilities (versions 1-3) ...
+PORTABLE_TABLE_ENTRIES = 1 << 16  # ... (version 4)
+SENTINEL = np.array([0x4944, 0x465A], dtype=np.int32)  # "IDFZ": pushed first, so popped last
+# Each push with a table entry of at most 2**24 - 2**16 onto a state >= 2**32 multiplies the state by at least
+# 1 + 2**-8 * 256/257: log2 of that is 0.005603 bits, so a stream of b bits holds at most 178.5 (b + 64)
+# symbols (64: the final state), plus at most one chunk that a decoder pops below the sentinel's level.
+SYMBOLS_PER_BIT = 180
+MIN_SYMBOL_BITS = 1 / SYMBOLS_PER_BIT
+MAX_CHUNK = max(64, PORTABLE_TABLE_ENTRIES // (WIDTHS[0] + 1))
+
+Mixture = FloatMixture | IntMixture
 
 
-def _chunks(n: int, width: int):
-    step = max(64, TABLE_ENTRIES // (width + 1))
+def max_symbols(stream_bytes: int) -> int:
+    """The most symbols a version-4 stream of this many bytes can hold (decoders refuse more up front)."""
+    return SYMBOLS_PER_BIT * (8 * stream_bytes + 64) + MAX_CHUNK
+
+
+def _sentinel_bits() -> int:
+    c = constriction.stream.stack.AnsCoder()
+    c.encode_reverse(SENTINEL, _U16)
+    return c.num_valid_bits()
+
+
+def _chunks(n: int, width: int, entries: int):
+    step = max(64, entries // (width + 1))
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
-def _plan(mix: Mixture):
-    """Per width class present: (width, positions). Both sides compute this from the parameters alone."""
+def _plan(cls: torch.Tensor, rows: torch.Tensor | None = None):
+    """Per width class present, ascending: (width, positions ascending) of ``rows`` (default: all)."""
+    rows = torch.arange(len(cls)) if rows is None else rows
+    c = cls[rows]
+    return [(WIDTHS[k], rows[c == k]) for k in torch.unique(c).tolist()]
+
+
+def _tables(mix: Mixture, centre: torch.Tensor, plan, core: torch.Tensor | None = None):
+    """(positions, width, table) of every chunk of a stage, in coding order; with ``core`` (the core widths
+    of every symbol) the tail tables of the second stage."""
+    entries = PORTABLE_TABLE_ENTRIES if mix.portable else TABLE_ENTRIES
+    for width, pos in plan:
+        sub = mix.take(pos.numpy() if mix.portable else pos)
+        for a, b in _chunks(len(pos), width, entries):
+            p = pos[a:b]
+            part = sub.take(np.arange(a, b) if mix.portable else torch.arange(a, b))
+            if core is None:
+                yield p, width, part.table(centre[p], width)
+            else:
+                yield p, width, part.tail_table(centre[p], core[p], width)
+
+
+def _windows(mix: Mixture):
+    """centre, core class and (version 4) tail class per symbol; versions 1-3 have one window (tail None)."""
+    if mix.portable:
+        return tuple(torch.from_numpy(a) for a in mix._windows())
     centre, cls = mix.windows()
-    plan = []
-    for k in torch.unique(cls).tolist():
-        plan.append((WIDTHS[k], torch.nonzero(cls == k).flatten()))
-    return centre, plan
+    return centre, cls, None
+
+
+def _offsets(z: torch.Tensor, centre: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
+    """The entries of symbols z[pos] in windows of ``width`` around their centres, ``width`` (the escape) if
+    outside."""
+    off = z[pos] - centre[pos] + width // 2
+    return torch.where((off < 0) | (off >= width), width, off)
+
+
+def _escaped(escaped: list[torch.Tensor], mix: Mixture) -> torch.Tensor:
+    """Positions that escaped a stage, ascending (versions 1-3: in width class order, then ascending)."""
+    esc = torch.cat(escaped) if escaped else torch.zeros(0, dtype=torch.long)
+    return esc.sort().values if mix.portable else esc
+
+
+def _threads(mix: Mixture):
+    """Float tables (and their windows) need torch on one thread (see priors.one_thread)."""
+    return nullcontext() if mix.portable else one_thread()
 
 
 class Encoder:
-    def __init__(self) -> None:
+    def __init__(self, portable: bool = True) -> None:
+        """``portable``: a version-4 stream (sentinel first, integer tables only)."""
         self._coder = constriction.stream.stack.AnsCoder()
+        self.portable = portable
         self.bits = 0.0  # ideal code length of everything pushed (the model's NLL under the coding tables)
+        if portable:
+            self._coder.encode_reverse(SENTINEL, _U16)
 
     def push(self, z: torch.Tensor, mix: Mixture) -> None:
         """Encode the symbols z (any shape, flattened) of one segment."""
-        with one_thread():
+        if mix.portable != self.portable:
+            raise ValueError("mixture kind does not match the stream")
+        with _threads(mix):
             self._push(z, mix)
+
+    def _stage(self, z, mix, centre, plan, core=None) -> tuple[list, list[torch.Tensor]]:
+        """Tables and symbols of one stage's chunks, and the positions that escaped."""
+        ops = []
+        entries = {width: _offsets(z, centre, pos, width) for width, pos in plan}
+        escaped = [pos[entries[width] == width] for width, pos in plan]
+        done = dict.fromkeys(entries, 0)
+        for pos, width, probs in _tables(mix, centre, plan, core):
+            s = entries[width][done[width] : done[width] + len(pos)]
+            done[width] += len(pos)
+            rows = torch.arange(len(pos))
+            if mix.portable:  # exactly what constriction codes
+                p = (probs[rows, s].double() + 1) / (1 << PROB_BITS)
+            else:
+                p = torch.clamp(probs[rows, s] / probs.sum(1), min=2.0**-24)
+            self.bits -= float(torch.log2(p).sum())
+            ops.append((s.numpy().astype(np.int32), probs.numpy()))
+        return ops, escaped
 
     def _push(self, z: torch.Tensor, mix: Mixture) -> None:
         z = z.reshape(-1).long().cpu()
         if z.numel() != len(mix):
             raise ValueError("symbol count does not match the parameters")
-        centre, plan = _plan(mix)
-        ops = []
-        escapes = []
-        for width, pos in plan:
-            off = z[pos] - centre[pos] + width // 2
-            esc = (off < 0) | (off >= width)
-            sym = torch.where(esc, torch.full_like(off, width), off)
-            escapes.append(pos[esc])
-            sub = mix.take(pos)
-            for a, b in _chunks(len(pos), width):
-                probs = sub.take(torch.arange(a, b)).table(centre[pos[a:b]], width)
-                s = sym[a:b]
-                p = torch.clamp(probs[torch.arange(b - a), s] / probs.sum(1), min=2.0**-24)
-                self.bits -= float(torch.log2(p).sum())
-                ops.append((s.numpy().astype(np.int32), probs.numpy()))
-        esc_pos = torch.cat(escapes) if escapes else torch.zeros(0, dtype=torch.long)
-        if esc_pos.numel():
-            raw = z[esc_pos] - centre[esc_pos] + _RAW_BIAS
+        centre, core, tail = _windows(mix)
+        ops, escaped = self._stage(z, mix, centre, _plan(core))
+        esc = _escaped(escaped, mix)
+        if tail is not None and esc.numel():  # version 4: the escaped symbols' tail stage, then raw words
+            staged = esc[tail[esc] > core[esc]]
+            tail_ops, escaped = self._stage(z, mix, centre, _plan(tail, staged), torch.tensor(WIDTHS)[core])
+            ops += tail_ops
+            esc = torch.cat(escaped + [esc[tail[esc] == core[esc]]]).sort().values
+        if esc.numel():
+            raw = z[esc] - centre[esc] + _RAW_BIAS
             if bool(((raw < 0) | (raw >= 1 << 32)).any()):
                 raise ValueError("latent out of the codable range")
             words = torch.stack([raw >> 16, raw & 0xFFFF], 1).reshape(-1).numpy().astype(np.int32)
             self._coder.encode_reverse(words, _U16)
-            self.bits += 32.0 * esc_pos.numel()
+            self.bits += 32.0 * esc.numel()
         for s, probs in reversed(ops):
             self._coder.encode_reverse(s, _CATEGORICAL, probs)
 
@@ -88,7 +176,9 @@ class Encoder:
 
 
 class Decoder:
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, portable: bool = True) -> None:
+        """``portable``: a version-4 stream (see the module docstring)."""
+        self.portable = portable
         if len(data) % 4:
             raise CorruptFileError("entropy-coded stream has a length that is not a multiple of 4")
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
@@ -101,33 +191,52 @@ class Decoder:
 
     def pop(self, mix: Mixture) -> torch.Tensor:
         """Decode one segment: len(mix) symbols, in the order they were given to ``Encoder.push``."""
-        with one_thread():
-            return self._pop(mix)
+        if mix.portable != self.portable:
+            raise ValueError("mixture kind does not match the stream")
+        with _threads(mix):
+            try:
+                return self._pop(mix)
+            except (CorruptFileError, KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - a Rust panic in constriction is a BaseException
+                raise CorruptFileError(f"entropy-coded stream cannot be decoded ({e})") from None
+
+    def _stage(self, z, mix, centre, plan, core=None) -> list[torch.Tensor]:
+        escaped = []
+        for p, width, probs in _tables(mix, centre, plan, core):
+            self._check_left()
+            s = torch.from_numpy(self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64))
+            z[p] = centre[p] - width // 2 + s
+            escaped.append(p[s == width])
+        return escaped
 
     def _pop(self, mix: Mixture) -> torch.Tensor:
-        n = len(mix)
-        centre, plan = _plan(mix)
-        z = torch.empty(n, dtype=torch.long)
-        escapes = []
-        try:
-            for width, pos in plan:
-                sub = mix.take(pos)
-                for a, b in _chunks(len(pos), width):
-                    probs = sub.take(torch.arange(a, b)).table(centre[pos[a:b]], width)
-                    s = torch.from_numpy(self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64))
-                    p = pos[a:b]
-                    z[p] = centre[p] - width // 2 + s
-                    escapes.append(p[s == width])
-            esc_pos = torch.cat(escapes) if escapes else torch.zeros(0, dtype=torch.long)
-            if esc_pos.numel():
-                w = torch.from_numpy(self._coder.decode(_U16, 2 * esc_pos.numel()).astype(np.int64)).view(-1, 2)
-                z[esc_pos] = centre[esc_pos] + ((w[:, 0] << 16) | w[:, 1]) - _RAW_BIAS
-        except (CorruptFileError, KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - a Rust panic in constriction is a BaseException
-            raise CorruptFileError(f"entropy-coded stream cannot be decoded ({e})") from None
+        z = torch.empty(len(mix), dtype=torch.long)
+        centre, core, tail = _windows(mix)
+        escaped = self._stage(z, mix, centre, _plan(core))
+        esc = _escaped(escaped, mix)
+        if tail is not None and esc.numel():
+            staged = esc[tail[esc] > core[esc]]
+            escaped = self._stage(z, mix, centre, _plan(tail, staged), torch.tensor(WIDTHS)[core])
+            esc = torch.cat(escaped + [esc[tail[esc] == core[esc]]]).sort().values
+        if esc.numel():
+            self._check_left()
+            w = torch.from_numpy(self._coder.decode(_U16, 2 * esc.numel()).astype(np.int64)).view(-1, 2)
+            z[esc] = centre[esc] + ((w[:, 0] << 16) | w[:, 1]) - _RAW_BIAS
         return z
 
+    def _check_left(self) -> None:
+        """Before each chunk of a version-4 stream: the sentinel has not been reached."""
+        if self.portable and self._coder.num_valid_bits() < SENTINEL_VALID_BITS:
+            raise CorruptFileError("entropy-coded stream ends before its tile is complete")
+
     def check_end(self) -> None:
+        if self.portable:
+            self._check_left()
+            if not np.array_equal(self._coder.decode(_U16, 2), SENTINEL):
+                raise CorruptFileError("entropy-coded stream does not end with its sentinel")
         if not self._coder.is_empty():
             raise CorruptFileError("entropy-coded stream has data left over after decoding")
+
+
+SENTINEL_VALID_BITS = _sentinel_bits()

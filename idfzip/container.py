@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from .errors import CorruptFileError, UnsupportedVersionError
 
 MAGIC = b"IDZ"
-VERSION = 3  # what writers write
-READ_VERSIONS = (1, 2, 3)  # what readers read
+VERSION = 4  # what writers write
+READ_VERSIONS = (1, 2, 3, 4)  # what readers read
 MAX_SIDE = 1 << 20
 MAX_PIXELS = 1 << 28
 MAX_TILE = 1 << 14

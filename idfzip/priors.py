@@ -5,6 +5,15 @@ as in Hoogeboom et al. 2019 (IDF) and Salimans et al. 2017 (PixelCNN++), without
 latents are unbounded integers.
 
 Network outputs are laid out per target channel as [logits(K), means(K), log-scales(K)].
+
+Two coding-table builders share one interface (``len``, ``take``, ``windows``, ``table``):
+
+``IntMixture``    container version 4. Invariant: from the exact network outputs on, every window and every
+                  table entry is a pure function of integers, computed with int64 arithmetic whose ranges
+                  are bounded below 2**63 (see the comments) and integer tables (idfzip.tables): the same
+                  integers on every machine, instruction set, thread count and device.
+``FloatMixture``  versions 1-3, kept so that their files still decode: float64/float32 softmax, exp and
+                  sigmoid, reproducible on one machine kind only.
 """
 
 from __future__ import annotations
@@ -12,8 +21,11 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import tables
 
 LOG_SCALE_MIN = -4.0
 LOG_SCALE_MAX = 9.0
@@ -74,7 +86,7 @@ def nll_bits(z: torch.Tensor, raw: torch.Tensor, K: int) -> torch.Tensor:
     return -lp.sum() / math.log(2.0)
 
 
-class Mixture:
+class FloatMixture:
     """Mixture parameters of n symbols in coding order: weights, means, scales, each (n, K), float64.
 
     Tables are computed from them in float32 with a fixed sequence of operations on fixed chunks, so the
@@ -92,8 +104,10 @@ class Mixture:
             self.means = flat(mu)
             self.scales = torch.exp(flat(log_s))
 
+    portable = False
+
     @classmethod
-    def from_tensors(cls, weights, means, scales) -> Mixture:
+    def from_tensors(cls, weights, means, scales) -> FloatMixture:
         m = cls.__new__(cls)
         m.weights, m.means, m.scales = weights, means, scales
         return m
@@ -101,8 +115,8 @@ class Mixture:
     def __len__(self) -> int:
         return self.means.shape[0]
 
-    def take(self, idx: torch.Tensor) -> Mixture:
-        return Mixture.from_tensors(self.weights[idx], self.means[idx], self.scales[idx])
+    def take(self, idx: torch.Tensor) -> FloatMixture:
+        return FloatMixture.from_tensors(self.weights[idx], self.means[idx], self.scales[idx])
 
     def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per symbol: window centre (int64) and index into WIDTHS (int64)."""
@@ -135,3 +149,250 @@ class Mixture:
         probs[:, :width].clamp_(min=0.0)
         probs[:, width] = torch.clamp(1.0 - (cdf[:, -1] - cdf[:, 0]), min=ESCAPE_FLOOR)
         return probs
+
+
+# ---------------------------------------------------------------------------------------------- version 4
+PARAM_FRAC = 16  # network outputs become integers in units of 2**-16 ...
+PARAM_LIMIT = 2.0**24  # ... after clamping to +-2**24
+WEIGHT_BITS = 15  # mixture weights are integers summing to exactly 2**15
+PROB_BITS = 24  # constriction's DefaultAnsCoder: probabilities in units of 2**-24
+SIG_BITS = 24  # logistic CDF values in units of 2**-24
+X_FRAC = 24  # standardised edges (e - mu) / s in units of 2**-24, saturating at +-24
+X_MAX = tables.SIG_LAST << (X_FRAC - tables.SIG_FRAC)  # 24 in units of 2**-24
+INTERP_BITS = X_FRAC - tables.SIG_FRAC  # x = 2**-6 * cell + 2**-24 * r, r < 2**18
+MAX_FREQ = (1 << PROB_BITS) - (1 << 16) - 1  # with constriction's +1 no core entry is likelier than 1 - 2**-8
+CORE_TAIL_BITS = 6  # the core window leaves about 2**-6 of the mixture outside, the tail window 2**-17
+TAIL_BITS = 17
+LN2_Q16 = 45426  # round(2**16 ln 2)
+BLOCK = 1 << 14  # table entries computed at a time (buffers stay in cache)
+_HALF_LIMITS = (np.array(WIDTHS, dtype=np.int64) // 2) << PARAM_FRAC
+
+
+def quantize(raw: torch.Tensor) -> np.ndarray:
+    """floor(raw * 2**16) of float network outputs clamped to +-2**24, as int64: exact (a float64 times a power
+    of two and its floor are exact IEEE operations), so the same on every machine."""
+    x = torch.clamp(raw.detach().double(), -PARAM_LIMIT, PARAM_LIMIT) * float(1 << PARAM_FRAC)
+    return torch.floor(x).long().cpu().numpy()
+
+
+def adapt_int(q: np.ndarray, p: np.ndarray, K: int, axis: int = 0) -> np.ndarray:
+    """Quantised parameters q [logits(K), means(K), log-scales(K)] along ``axis`` transformed by p = (a, b, d, t)
+    along the same axis (broadcast against q otherwise; idfzip.adapt): logits * (64 + t) / 64, means *
+    (64 + d) / 64, log-scales * (64 + a) / 64 + b / 64, each product floored. |q| <= 2**40 and |64 + p| < 2**8,
+    so no product reaches 2**48."""
+    q = np.moveaxis(q, axis, 0)
+    a, b, d, t = np.moveaxis(p, axis, 0)[:, None]
+    lg, mu, ls = q[:K], q[K : 2 * K], q[2 * K :]
+    out = np.concatenate([(lg * (64 + t)) >> 6, (mu * (64 + d)) >> 6, ((ls * (64 + a)) >> 6) + (b << (PARAM_FRAC - 6))])
+    return np.moveaxis(out, 0, axis)
+
+
+def log2_q16(v: np.ndarray) -> np.ndarray:
+    """2**16 log2(v) of int64 1 <= v < 2**53, rounded down to within 2**-16: the exponent of v exactly (frexp of
+    the exactly converted float64 only reads its bits), the mantissa's 18 leading bits through the LOG2
+    table with linear interpolation on the last 8."""
+    tab = tables.load()["LOG2"]
+    e = np.frexp(v.astype(np.float64))[1].astype(np.int64) - 1  # floor(log2 v)
+    m = np.where(e >= 18, v >> np.maximum(e - 18, 0), v << np.maximum(18 - e, 0))  # in [2**18, 2**19)
+    i = (m >> 8) - (1 << tables.LOG2_FRAC)
+    lo = tab[i]
+    return (e << 16) + lo + (((tab[i + 1] - lo) * (m & 255)) >> 8)
+
+
+class IntMixture:
+    """Integer mixtures of n symbols in coding order (version 4), component-major numpy int64 arrays (K, n):
+    weights summing to 2**15 over the K components, means in units of 2**-16, log-scale table indices in
+    0 .. 3328."""
+
+    portable = True
+
+    def __init__(self, raw: torch.Tensor, K: int, params: torch.Tensor | None = None):
+        """raw (B, C*3K, ...) network outputs of C channels (each [logits, means, log-scales]); params (C, 4)
+        integer adaptation per channel, or None."""
+        B, C3K = raw.shape[:2]
+        C = C3K // (3 * K)
+        q = quantize(raw.reshape(B, C, 3 * K, -1).transpose(1, 2))  # (B, 3K, C, positions)
+        if params is not None and bool(params.any()):
+            q = adapt_int(q, params.long().cpu().numpy().T.reshape(1, 4, C, 1), K, axis=1)
+        self._set(q.transpose(1, 0, 2, 3).reshape(3 * K, -1), K)
+
+    @classmethod
+    def from_quantized(cls, q: np.ndarray, K: int) -> IntMixture:
+        """From quantised (and adapted) parameters q (3K, n)."""
+        m = cls.__new__(cls)
+        m._set(q, K)
+        return m
+
+    def _set(self, q: np.ndarray, K: int) -> None:
+        lg, mu, ls = q[:K], q[K : 2 * K], q[2 * K :]
+        # log-scale clamped to [-4, 9], rounded to 1/256 (ties up): index into SCALE / INV
+        ls = np.clip(ls, int(LOG_SCALE_MIN) << PARAM_FRAC, int(LOG_SCALE_MAX) << PARAM_FRAC)
+        self.scale_idx = ((ls + (1 << (PARAM_FRAC - 9))) >> (PARAM_FRAC - 8)) + tables.LOG_SCALE_OFFSET
+        self.means = np.clip(mu, -(1 << 40), 1 << 40)
+        # weights: EXP of the logit gap to the largest (in 1/256), normalised by floor division to 2**15, the
+        # remainder going to the first largest component; sum(E) < K * 2**16 so E << 15 stays below 2**36
+        top = lg[0].copy()
+        for k in range(1, K):
+            np.maximum(top, lg[k], out=top)
+        gap = np.minimum((top - lg + (1 << (PARAM_FRAC - 9))) >> (PARAM_FRAC - 8), tables.EXP_MAX)
+        e = tables.load()["EXP"][gap]
+        w = (e << WEIGHT_BITS) // _sum(e)
+        first = np.full(w.shape[1], K)
+        for k in reversed(range(K)):
+            first[gap[k] == 0] = k
+        w[first, np.arange(w.shape[1])] += (1 << WEIGHT_BITS) - _sum(w)
+        self.weights = w
+
+    def __len__(self) -> int:
+        return self.means.shape[1]
+
+    def take(self, idx) -> IntMixture:
+        idx = np.asarray(idx)
+        m = IntMixture.__new__(IntMixture)
+        m.weights, m.means, m.scale_idx = self.weights[:, idx], self.means[:, idx], self.scale_idx[:, idx]
+        return m
+
+    def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per symbol: window centre and the index into WIDTHS of its core window (int64 tensors)."""
+        centre, core, _ = self._windows()
+        return torch.from_numpy(centre), torch.from_numpy(core)
+
+    def _windows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per symbol: centre, core and tail window classes (indices into WIDTHS; tail > core unless the core is
+        the widest).
+
+        centre = round(sum W_k M_k) (|W M| < 2**56). The half-width by which component k (W_k > 0) leaves at
+        most 2**-b outside is |M_k - centre| + s_k ln(2 K pi_k 2**b) = |M_k - centre| + s_k ln(8 K W_k 2**(b-17)),
+        with s_k from SCALE (2**-12 units) and ln from log2_q16 (products below 2**46); the core window takes
+        b = CORE_TAIL_BITS, the tail window b = TAIL_BITS, each the narrowest width holding every component's
+        half-width."""
+        K = self.weights.shape[0]
+        centre = (_sum(self.weights * self.means) + (1 << 30)) >> (WEIGHT_BITS + PARAM_FRAC)
+        dist = np.abs(self.means - (centre << PARAM_FRAC))
+        lg = log2_q16(np.maximum(8 * K * self.weights, 1))  # < 2**21
+        scale = tables.load()["SCALE"][self.scale_idx]
+        out = []
+        for bits in (CORE_TAIL_BITS, TAIL_BITS):
+            nats = (np.maximum(lg - ((17 - bits) << 16), 0) * LN2_Q16) >> 16  # 2**-16 units
+            half = np.where(self.weights > 0, dist + ((scale * nats) >> 12), -1)
+            for k in range(1, K):
+                np.maximum(half[0], half[k], out=half[0])
+            out.append(np.minimum(np.searchsorted(_HALF_LIMITS, half[0]), len(WIDTHS) - 1))
+        core, tail = out
+        return centre, core, np.minimum(np.maximum(tail, core + 1), len(WIDTHS) - 1)
+
+    def _starts(self, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per component and symbol (K, n): x0 = (lo - 1/2 - M) / s + 24 (the first edge, standardised and
+        offset so that the saturated range is [0, 48]) and dx = 1 / s, both in units of 2**-24. (lo - 1/2 - M)
+        is clamped to +-2**17 (|x| >= 16 there) and INV < 2**28 in units of 2**-22, so the product is
+        < 2**62."""
+        inv = tables.load()["INV"][self.scale_idx]
+        e0 = (lo << PARAM_FRAC) - (1 << (PARAM_FRAC - 1))
+        d = np.clip(e0 - self.means, -(1 << 33), 1 << 33)
+        return ((d * inv) >> (PARAM_FRAC + 22 - X_FRAC)) + X_MAX, inv << (X_FRAC - 22)
+
+    def table(self, centre: torch.Tensor, width: int) -> torch.Tensor:
+        """(n, width + 1) frequencies f of z = centre - width/2 + j for j < width, then the escape, as float32
+        holding exact integers, with sum f = 2**24 - (width + 1): constriction's Categorical(perfect=False)
+        then codes entry j with probability exactly (f_j + 1) / 2**24 (its scale factor is exactly 1 and every
+        partial sum is an integer below 2**24, exact in float32). No entry exceeds MAX_FREQ.
+
+        Entry j: with the mixture CDF C(e) = sum_k W_k Phi((e - M_k) / s_k) in units of 2**-39 at the edges
+        e_j = centre - width/2 + j - 1/2 and G_j = floor(C(e_j) * total / 2**39), total = 2**24 - width - 1,
+        f_j = G_{j+1} - G_j and f_width = total - (G_width - G_0); then any excess over MAX_FREQ moves to
+        the escape, and the escape's excess over MAX_FREQ to entry 0."""
+        c = centre.numpy() if isinstance(centre, torch.Tensor) else centre
+        n, m = len(c), width + 1
+        x0, dx = self._starts(c - width // 2)
+        total = (1 << PROB_BITS) - m
+        out = np.empty((n, m), dtype=np.float32)
+        rows = max(1, BLOCK // m)
+        j = np.arange(m)[:, None]
+        for a in range(0, n, rows):  # blocks laid out (entry, symbol): per-symbol operands are contiguous
+            b = min(n, a + rows)
+            g = _cdf(x0[:, a:b], dx[:, a:b], self.weights[:, a:b], j)
+            g *= total
+            g >>= WEIGHT_BITS + SIG_BITS
+            f = np.empty_like(g)
+            np.subtract(g[1:], g[:-1], out=f[:width])
+            f[width] = total - (g[width] - g[0])
+            excess = np.maximum(f[:width] - MAX_FREQ, 0)
+            if excess.any():
+                f[:width] -= excess
+                f[width] += excess.sum(0)
+            excess = np.maximum(f[width] - MAX_FREQ, 0)
+            f[width] -= excess
+            f[0] += excess
+            out[a:b] = f.T
+        return torch.from_numpy(out)
+
+    def tail_table(self, centre: torch.Tensor, core: torch.Tensor, width: int) -> torch.Tensor:
+        """The second stage, for symbols that escaped their core window (``core``: its widths, per row): (n,
+        width + 1) frequencies of z = centre - width/2 + j for j < width given that z lies outside the core
+        window (its entries are 0), then the escape (beyond this window too); float32 holding exact integers
+        with sum 2**24 - (width + 1), as ``table``.
+
+        With the mixture CDF C_j at the edges (as in ``table``), a, b = (width -+ core) / 2 the core's first
+        and last edges and Q = 2**39 - (C_b - C_a) the mass outside the core (at least 1), the tail CDF is
+        D_j = C_j for j <= a, C_a for a <= j <= b, C_j - (C_b - C_a) for j >= b, G_j = floor((D_j - D_0) *
+        total / Q) (below 2**63), f_j = G_{j+1} - G_j and f_width = total - G_width."""
+        c = centre.numpy() if isinstance(centre, torch.Tensor) else centre
+        w1 = core.numpy() if isinstance(core, torch.Tensor) else core
+        n, m = len(c), width + 1
+        x0, dx = self._starts(c - width // 2)
+        cdf = _cdf(x0, dx, self.weights, np.arange(m)[:, None])  # (m, n)
+        cols = np.arange(n)
+        ca, cb = cdf[(width - w1) // 2, cols], cdf[(width + w1) // 2, cols]
+        d = cdf - (np.clip(cdf, ca, cb) - ca)
+        d -= d[0]
+        total = (1 << PROB_BITS) - m
+        g = (d * total) // np.maximum((1 << (WEIGHT_BITS + SIG_BITS)) - (cb - ca), 1)
+        f = np.empty_like(g)
+        np.subtract(g[1:], g[:-1], out=f[:width])
+        f[width] = total - g[width]
+        return torch.from_numpy(np.ascontiguousarray(f.T, dtype=np.float32))
+
+    def ideal_length(self, z: np.ndarray) -> np.ndarray:
+        """-log2 of each symbol's mixture probability (C at z + 1/2 minus C at z - 1/2, at least 2**-39) in
+        units of 2**-16 bits (int64), without windows: the integer estimate the adaptation search minimises."""
+        x0, dx = self._starts(z)
+        cdf = _cdf(x0, dx, self.weights, np.arange(2)[:, None])
+        return ((WEIGHT_BITS + SIG_BITS) << 16) - log2_q16(np.maximum(cdf[1] - cdf[0], 1))
+
+
+def _sum(a: np.ndarray) -> np.ndarray:
+    """a[0] + a[1] + ... (the sum over components) without numpy's slow reduction over a short axis."""
+    out = a[0].copy()
+    for row in a[1:]:
+        out += row
+    return out
+
+
+def _cdf(x0: np.ndarray, dx: np.ndarray, w: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """sum_k w_k Phi(x0_k + j dx_k), (m, n), for x0, dx, w (K, n) and edge indices j (m, 1) or (m, n), in
+    units of 2**-39.
+
+    Phi(x) = SIGF[i] + (SIGD[i] * r) >> 18 with i = x >> 18 clamped to [0, 3072] and r = x mod 2**18, where x
+    is the standardised edge offset by 24 in units of 2**-24 (|x0 + j dx| < 2**49); SIGD is 0 at both ends,
+    so the clamp saturates Phi at 0 and 2**24. Products stay below 2**17 * 2**18, weighted sums below
+    2**15 * 2**24 * K."""
+    pack = tables.load()["SIGPACK"]
+    shape = (j.shape[0], x0.shape[1])
+    out = np.zeros(shape, dtype=np.int64)
+    x = np.empty(shape, dtype=np.int64)
+    i = np.empty(shape, dtype=np.int64)
+    v = np.empty(shape, dtype=np.int64)
+    for k in range(x0.shape[0]):
+        np.multiply(j, dx[k], out=x)
+        np.add(x, x0[k], out=x)
+        np.right_shift(x, INTERP_BITS, out=i)
+        pack.take(i, out=v, mode="clip")  # SIGF << 20 | SIGD
+        np.bitwise_and(x, (1 << INTERP_BITS) - 1, out=x)
+        np.right_shift(v, 20, out=i)
+        np.bitwise_and(v, (1 << 20) - 1, out=v)
+        np.multiply(v, x, out=v)
+        np.right_shift(v, INTERP_BITS, out=v)
+        np.add(v, i, out=v)
+        np.multiply(v, w[k], out=v)
+        np.add(out, v, out=out)
+    return out

@@ -1,59 +1,118 @@
 import hashlib
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from idfzip.coding import Decoder, Encoder
+from idfzip import tables
+from idfzip.coding import MIN_SYMBOL_BITS, Decoder, Encoder, max_symbols
 from idfzip.errors import CorruptFileError
-from idfzip.priors import WIDTHS, Mixture, nll_bits
+from idfzip.priors import MAX_FREQ, WIDTHS, FloatMixture, IntMixture, nll_bits
 
 
-def mixture(n, K=3, seed=0, scale=(0.3, 40.0)):
+def raw_params(n, K=3, seed=0, log_scale=(np.log(0.3), np.log(40.0))):
+    """(1, 3K, n, 1) network outputs: random logits, means around +-20, log-scales in the given range."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.softmax(torch.randn(n, K, generator=g, dtype=torch.float64), 1)
-    mu = torch.randn(n, K, generator=g, dtype=torch.float64) * 20
-    s = torch.exp(torch.empty(n, K, dtype=torch.float64).uniform_(np.log(scale[0]), np.log(scale[1]), generator=g))
-    return Mixture.from_tensors(w, mu, s)
+    lg = torch.randn(K, n, generator=g, dtype=torch.float64)
+    mu = torch.randn(K, n, generator=g, dtype=torch.float64) * 20
+    ls = torch.empty(K, n, dtype=torch.float64).uniform_(*log_scale, generator=g)
+    return torch.cat([lg, mu, ls])[None, :, :, None]
 
 
-def sample(mix, seed=0):
+def sample(raw, K=3, seed=0):
+    """Symbols drawn from the mixtures of raw (1, 3K, n, 1)."""
     g = torch.Generator().manual_seed(seed)
-    k = torch.multinomial(mix.weights, 1, generator=g).flatten()
-    u = torch.rand(len(mix), generator=g, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
-    idx = torch.arange(len(mix))
-    return torch.floor(mix.means[idx, k] + mix.scales[idx, k] * torch.log(u / (1 - u)) + 0.5).long()
+    lg, mu, ls = raw[0, :K, :, 0].T, raw[0, K : 2 * K, :, 0].T, raw[0, 2 * K :, :, 0].T
+    k = torch.multinomial(torch.softmax(lg, 1), 1, generator=g).flatten()
+    u = torch.rand(lg.shape[0], generator=g, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
+    idx = torch.arange(lg.shape[0])
+    return torch.floor(mu[idx, k] + torch.exp(ls[idx, k]) * torch.log(u / (1 - u)) + 0.5).long()
 
 
-def test_tables_are_distributions_and_sum_to_one():
-    mix = mixture(500)
-    centre, cls = mix.windows()
-    for k in torch.unique(cls).tolist():
-        pos = torch.nonzero(cls == k).flatten()
-        t = mix.take(pos).table(centre[pos], WIDTHS[k])
-        assert (t >= 0).all()
-        assert torch.allclose(t[:, :-1].sum(1) + t[:, -1], torch.ones(len(pos)), atol=1e-5)
+def coded(mix, z):
+    enc = Encoder(mix.portable)
+    enc.push(z, mix)
+    return enc, enc.finish()
 
 
-def test_table_matches_training_likelihood():
-    """The coding table's probability of a symbol equals exp(-nll) of the training formula."""
-    K = 2
-    raw = torch.randn(1, 3 * K, 4, 5, dtype=torch.float64)
-    raw[:, 2 * K :] = raw[:, 2 * K :].abs()  # moderate scales
-    z = torch.randint(-3, 4, (1, 1, 4, 5))
-    mix = Mixture(raw, K)
-    centre, cls = mix.windows()
-    bits = 0.0
-    for i in range(len(mix)):
-        w = WIDTHS[int(cls[i])]
-        t = mix.take(torch.tensor([i])).table(centre[i : i + 1], w)
-        bits -= float(torch.log2(t[0, int(z.flatten()[i] - centre[i] + w // 2)]))
-    assert bits == pytest.approx(float(nll_bits(z.double(), raw, K)), rel=1e-6)
+# ------------------------------------------------------------------------------------ integer tables (v4)
+def test_integer_tables_are_what_their_hash_says():
+    """The tables are built by exact decimal arithmetic: the same integers everywhere (a few spot values)."""
+    built = tables._build()
+    assert tables.digest(built) == tables.TABLES_SHA256
+    t = tables.load()
+    assert t["SIG"][0] == 1 << 23 and t["SIG"][-1] == 1 << 24 and t["EXP"][0] == 1 << 16
+    assert t["INV"][tables.LOG_SCALE_OFFSET] == 1 << 22 and t["SCALE"][tables.LOG_SCALE_OFFSET] == 1 << 12
+    assert t["SIG"][64] == round(2**24 / (1 + np.exp(-1.0)))  # sigmoid(1)
+    assert t["LOG2"][512] == round(2**16 * np.log2(1.5))
+    assert t["SIGD"][0] == 0 and t["SIGD"][-1] == 0 and t["SIGD"][-2] == 0  # saturation at +-24
+
+
+def _kl(ref: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """KL(ref || (f + 1) / 2**24) per row, in bits."""
+    p = (f + 1) / 2**24
+    return (ref * (torch.log2(ref.clamp(min=1e-30)) - torch.log2(p))).sum(1)
+
+
+def test_integer_tables_are_exact_distributions_close_to_the_float_ones():
+    raw = raw_params(4000)
+    im, fm = IntMixture(raw, 3), FloatMixture(raw, 3)
+    centre, core, tail = (torch.from_numpy(a) for a in im._windows())
+    fc, fcls = fm.windows()  # version 3's one window leaves 2**-17 outside, as the tail window does
+    assert (centre == fc).float().mean() > 0.99 and (tail - fcls).abs().max() <= 1
+    assert (core < tail).all() and (WIDTHS[int(core.max())] < 1000)
+    for k in torch.unique(core).tolist():  # the core tables
+        pos = torch.nonzero(core == k).flatten()
+        w = WIDTHS[k]
+        f = im.take(pos.numpy()).table(centre[pos], w).double()
+        assert torch.equal(f, f.round()) and (f >= 0).all() and (f <= MAX_FREQ).all()
+        assert (f.sum(1) == 2**24 - (w + 1)).all()  # so constriction's scale is exactly 1
+        ref = fm.take(pos).table(centre[pos], w).double()
+        assert float(_kl(ref / ref.sum(1, keepdim=True), f).mean()) < 1e-4  # bits per symbol
+    for k in torch.unique(tail).tolist():  # the tail tables: the mixture outside the core window
+        pos = torch.nonzero(tail == k).flatten()
+        w, w1 = WIDTHS[k], torch.tensor(WIDTHS)[core[pos]]
+        f = im.take(pos.numpy()).tail_table(centre[pos], w1, w).double()
+        assert torch.equal(f, f.round()) and (f >= 0).all() and (f.sum(1) == 2**24 - (w + 1)).all()
+        j = torch.arange(w)[None]
+        inside = (j >= (w - w1[:, None]) // 2) & (j < (w + w1[:, None]) // 2)
+        assert (f[:, :w][inside] == 0).all()
+        pi, mu, sc = fm.weights[pos, None], fm.means[pos, None], fm.scales[pos, None]
+        edges = (centre[pos, None] - w // 2 + torch.arange(w + 1)[None] - 0.5).double()[..., None]
+        cdf = (pi * torch.sigmoid((edges - mu) / sc)).sum(2)  # float64
+        beyond = cdf[:, :1] + (pi * torch.sigmoid((mu - edges[:, -1:]) / sc)).sum(2)  # outside the window
+        ref = torch.cat([cdf[:, 1:] - cdf[:, :-1], beyond], 1)
+        ref[:, :w][inside] = 0
+        mass = ref.sum(1, keepdim=True)  # the symbol escapes its core this often: weight its loss by that
+        assert float((mass[:, 0] * _kl(ref / mass, f)).mean()) < 1e-5
+
+
+def test_ideal_length_is_the_mixture_probability():
+    raw = raw_params(3000, seed=3)
+    z = sample(raw, seed=3)
+    got = IntMixture(raw, 3).ideal_length(z.numpy()) / 2**16
+    lg, mu, ls = raw[0, :3, :, 0].T, raw[0, 3:6, :, 0].T, raw[0, 6:, :, 0].T.clamp(-4, 9)
+    s = torch.exp(ls)
+    cdf = lambda e: (torch.softmax(lg, 1) * torch.sigmoid((e[:, None] - mu) / s)).sum(1)  # noqa: E731
+    want = -torch.log2((cdf(z + 0.5) - cdf(z - 0.5)).clamp(min=2**-39))
+    err = (torch.from_numpy(got) - want).abs()
+    assert err.max() < 0.1 and err.mean() < 5e-3  # the table quantisation: scales to 1/256 in log, CDF to 2**-24
+
+
+def test_constriction_codes_the_integer_frequencies_exactly():
+    """The stream's length is the sum of -log2((f + 1) / 2**24) over the coded entries, to within the ANS
+    state's 64 bits and the sentinel's 32."""
+    raw = raw_params(20000, seed=5)
+    mix = IntMixture(raw, 3)
+    enc, data = coded(mix, sample(raw, seed=5))
+    assert abs(8 * len(data) - enc.bits - 32) < 64 + 1e-6 * enc.bits
 
 
 def test_round_trip_with_escapes_and_several_segments():
-    mixes = [mixture(3000, seed=s) for s in range(3)]
-    zs = [sample(m, seed=s) for s, m in enumerate(mixes)]
+    raws = [raw_params(3000, seed=s) for s in range(3)]
+    mixes = [IntMixture(r, 3) for r in raws]
+    zs = [sample(r, seed=s) for s, r in enumerate(raws)]
     zs[1][::97] += 100_000  # far outside any window: escapes
     zs[2][5] = -(2**30)
     enc = Encoder()
@@ -64,33 +123,89 @@ def test_round_trip_with_escapes_and_several_segments():
     for z, m in zip(zs, mixes):
         assert torch.equal(dec.pop(m), z)
     dec.check_end()
-    # the ideal code length and the real one agree closely
-    assert abs(8 * len(data) - enc.bits) < 0.01 * enc.bits + 64
+    assert abs(8 * len(data) - enc.bits) < 0.01 * enc.bits + 96
 
 
 def test_bit_stream_is_stable():
-    """The exact compressed bytes of a fixed input: a change here breaks every existing file."""
-    mix = mixture(2000, seed=11)
-    z = sample(mix, seed=12)
-    enc = Encoder()
-    enc.push(z, mix)
-    data = enc.finish()
-    assert len(data) == 1396
-    assert hashlib.sha256(data).hexdigest()[:16] == "4105717486abe4c0"
+    """The exact compressed bytes of a fixed input (version 4): a change here breaks every existing file."""
+    raw = raw_params(2000, seed=11)
+    _, data = coded(IntMixture(raw, 3, torch.tensor([[3, -5, 2, 1]])), sample(raw, seed=12))
+    assert (len(data), hashlib.sha256(data).hexdigest()[:16]) == (1412, "e55408865626b82d")
+
+
+def test_an_exhausted_stream_stops_at_once():
+    """An empty or short stream for many symbols is an error before or within the first chunk, not after
+    millions of symbols decoded from nothing."""
+    raw = raw_params(1, log_scale=(-4.0, -4.0)).expand(1, 9, 300_000, 1)  # very confident: 1 - 2**-8 each
+    mix = IntMixture(raw, 3)
+    for data in (b"", b"\1\0\0\0", b"\xff" * 64):
+        t = time.perf_counter()
+        with pytest.raises(CorruptFileError):
+            dec = Decoder(data)
+            dec.pop(mix)
+            dec.check_end()
+        assert time.perf_counter() - t < 2.0
+
+
+def test_each_symbol_costs_the_stream_a_minimum():
+    """Even symbols the model is sure of cost MIN_SYMBOL_BITS each, so a stream's length bounds its symbols."""
+    n = 50_000
+    raw = raw_params(1, log_scale=(-4.0, -4.0)).expand(1, 9, n, 1)
+    mix = IntMixture(raw, 3)
+    centre, _ = mix.windows()
+    enc, data = coded(mix, centre)  # every symbol at its window's centre: the likeliest entry
+    assert 8 * len(data) >= n * MIN_SYMBOL_BITS and n <= max_symbols(len(data))
+    dec = Decoder(data)
+    assert torch.equal(dec.pop(mix), centre)
+    dec.check_end()
 
 
 def test_truncated_or_wrong_streams_are_errors():
-    mix = mixture(1000, seed=4)
-    z = sample(mix, seed=4)
-    enc = Encoder()
-    enc.push(z, mix)
-    data = enc.finish()
+    raw = raw_params(1000, seed=4)
+    mix = IntMixture(raw, 3)
+    z = sample(raw, seed=4)
+    _, data = coded(mix, z)
     with pytest.raises(CorruptFileError):
         Decoder(data[:-1])
-    dec = Decoder(data[:-4])
-    try:
-        out = dec.pop(mix)
-        dec.check_end()
-        assert not torch.equal(out, z)
-    except CorruptFileError:
-        pass
+    for bad in (data[:-4], data[4:], data[:-8] + data[-4:]):
+        with pytest.raises(CorruptFileError):
+            dec = Decoder(bad)
+            dec.pop(mix)
+            dec.check_end()
+
+
+# ------------------------------------------------------------------------------ float tables (versions 1-3)
+def test_float_table_matches_training_likelihood():
+    """The version-3 coding table's probability of a symbol equals exp(-nll) of the training formula."""
+    K = 2
+    raw = torch.randn(1, 3 * K, 4, 5, dtype=torch.float64)
+    raw[:, 2 * K :] = raw[:, 2 * K :].abs()  # moderate scales
+    z = torch.randint(-3, 4, (1, 1, 4, 5))
+    mix = FloatMixture(raw, K)
+    centre, cls = mix.windows()
+    bits = 0.0
+    for i in range(len(mix)):
+        w = WIDTHS[int(cls[i])]
+        t = mix.take(torch.tensor([i])).table(centre[i : i + 1], w)
+        bits -= float(torch.log2(t[0, int(z.flatten()[i] - centre[i] + w // 2)]))
+    assert bits == pytest.approx(float(nll_bits(z.double(), raw, K)), rel=1e-6)
+
+
+def test_float_bit_stream_is_stable():
+    """Version-3 streams: the exact bytes of a fixed input, as the builds that wrote them produced."""
+    g = torch.Generator().manual_seed(11)
+    n, K = 2000, 3
+    w = torch.softmax(torch.randn(n, K, generator=g, dtype=torch.float64), 1)
+    mu = torch.randn(n, K, generator=g, dtype=torch.float64) * 20
+    s = torch.exp(torch.empty(n, K, dtype=torch.float64).uniform_(np.log(0.3), np.log(40.0), generator=g))
+    mix = FloatMixture.from_tensors(w, mu, s)
+    g = torch.Generator().manual_seed(12)
+    k = torch.multinomial(w, 1, generator=g).flatten()
+    u = torch.rand(n, generator=g, dtype=torch.float64).clamp(1e-9, 1 - 1e-9)
+    z = torch.floor(mu[torch.arange(n), k] + s[torch.arange(n), k] * torch.log(u / (1 - u)) + 0.5).long()
+    _, data = coded(mix, z)
+    assert len(data) == 1396
+    assert hashlib.sha256(data).hexdigest()[:16] == "4105717486abe4c0"
+    dec = Decoder(data, portable=False)
+    assert torch.equal(dec.pop(mix), z)
+    dec.check_end()

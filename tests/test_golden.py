@@ -1,0 +1,178 @@
+"""Files that must decode on every machine: committed golden files, the instruction-set matrix, and files
+that ask for work they cannot pay for.
+
+Golden files (tests/golden, written by scripts/make_golden.py with the shipped `natural` model) change only
+with a new container version: a failure here means files people already have would no longer decode, or
+that this build writes different bytes than the one that made them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import idfzip
+from idfzip.container import Container
+from idfzip.errors import CorruptFileError
+from idfzip.zoo import load_shipped
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+CURRENT = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}}  # as scripts/make_golden.py writes them
+
+
+@pytest.mark.parametrize("name", sorted(CURRENT))
+def test_golden_files_decode_and_are_reproduced(name):
+    source = Image.open(GOLDEN / f"{name}.png")
+    data = (GOLDEN / f"{name}.idfz").read_bytes()
+    c = Container.from_bytes(data)
+    assert c.version == 4 and c.tiles
+    assert idfzip.decompress(data).tobytes() == source.tobytes()
+    assert idfzip.compress(source, "natural", **CURRENT[name]) == data
+
+
+def test_golden_files_cover_adaptation_tiles_and_alpha():
+    info = {name: idfzip.inspect((GOLDEN / f"{name}.idfz").read_bytes()) for name in CURRENT}
+    assert info["rgb"]["adapted_tiles"] == 1
+    assert info["tiled"]["tiles"] == 6
+    assert info["rgba"]["rest"] is not None and info["rgba"]["mode"] == "RGBA"
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_older_versions_still_decode(version):
+    """Written by the float-table build (commit b7424ea) on this kind of machine; version 3 with adaptation."""
+    data = (GOLDEN / f"legacy_v{version}.idfz").read_bytes()
+    assert idfzip.inspect(data)["version"] == version
+    assert idfzip.decompress(data).tobytes() == Image.open(GOLDEN / "legacy.png").tobytes()
+
+
+CAPABILITIES = ("avx512", "avx2", "default")
+WRITER = """
+import sys, torch, idfzip
+from PIL import Image
+print(torch.backends.cpu.get_cpu_capability())
+for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):
+    open(dst, "wb").write(idfzip.compress(Image.open(src), "natural"))
+"""
+READER = """
+import sys, json, torch, idfzip
+print(torch.backends.cpu.get_cpu_capability())
+out = {}
+for path in sys.argv[1:]:
+    try:
+        out[path] = idfzip.decompress(open(path, "rb").read()).tobytes().hex()
+    except Exception as e:
+        out[path] = f"{type(e).__name__}: {e}"
+print(json.dumps(out))
+"""
+
+
+def _run(code: str, capability: str, *args: str) -> list[str]:
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_instruction_set_matrix(tmp_path):
+    """Written under each of torch's CPU kernel sets and read under each other: 3 images x 3 writers x 3 readers
+    exact, and the 3 writers' files byte-identical (the float tables of version 3 failed this)."""
+    grey = tmp_path / "grey.png"
+    Image.open(GOLDEN / "tiled.png").convert("L").save(grey)
+    sources = [GOLDEN / "rgb.png", GOLDEN / "rgba.png", grey]
+    files = {}
+    for cap in CAPABILITIES:
+        args = []
+        for src in sources:
+            files[cap, src.stem] = tmp_path / f"{cap}-{src.stem}.idfz"
+            args += [str(src), str(files[cap, src.stem])]
+        active = _run(WRITER, cap, *args)[0]
+        if active.lower() != cap and cap != "default":
+            pytest.skip(f"this CPU cannot run torch's {cap} kernels (got {active})")
+    for src in sources:
+        assert len({files[cap, src.stem].read_bytes() for cap in CAPABILITIES}) == 1, src.stem
+    for cap in CAPABILITIES:
+        decoded = json.loads(_run(READER, cap, *map(str, files.values()))[1])
+        for (_, stem), path in files.items():
+            src = next(s for s in sources if s.stem == stem)
+            assert decoded[str(path)] == Image.open(src).tobytes().hex(), (cap, path.name)
+
+
+def test_thread_count_does_not_change_the_natural_models_bits():
+    im = Image.open(GOLDEN / "rgb.png")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = idfzip.compress(im, "natural")
+        torch.set_num_threads(2)
+        assert idfzip.compress(im, "natural") == one
+    finally:
+        torch.set_num_threads(n)
+
+
+BOMB = """
+import resource, sys, time
+import idfzip
+from idfzip.container import MODEL_HASH_BYTES, Container
+from idfzip.errors import CorruptFileError
+from idfzip.zoo import load_shipped
+model = load_shipped("natural")
+side, stream = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+c = Container("RGB", side, side, crc32=0, model_name="", model_hash=model.sha256[:MODEL_HASH_BYTES], tile=0,
+              tiles=[stream])
+data = c.to_bytes()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+try:
+    idfzip.decompress(data)
+    print("decoded")
+except CorruptFileError as e:
+    print("error", len(data), time.perf_counter() - t,
+          (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, e)
+"""
+
+
+@pytest.mark.parametrize("side,stream", [(2048, b""), (16384, b""), (2048, bytes(range(64)) * 4)])
+def test_a_stream_too_short_for_its_tile_fails_at_once(side, stream):
+    """A tiny container declaring a huge tile (the shipped model's hash, an empty or short stream) fails within
+    2 s and 300 MB instead of decoding millions of symbols out of nothing."""
+    cmd = [sys.executable, "-c", BOMB, str(side), stream.hex()]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    word, size, seconds, megabytes, *_ = r.stdout.split(maxsplit=4)
+    assert word == "error" and int(size) <= 300
+    assert float(seconds) < 2.0 and float(megabytes) < 300
+
+
+def test_a_constant_image_is_tiny_and_decodes():
+    im = Image.new("RGB", (2048, 1536), (12, 200, 7))
+    data = idfzip.compress(im, "natural")
+    assert len(data) < 40
+    assert idfzip.decompress(data).tobytes() == im.tobytes()
+
+
+def test_a_nearly_constant_image_pays_the_minimum_and_decodes():
+    """Flow-coded symbols cost at least coding.MIN_SYMBOL_BITS each, so the decoder can bound its work."""
+    a = np.full((256, 256, 3), 90, dtype=np.uint8)
+    a[100, 100] = 91
+    data = idfzip.compress(Image.fromarray(a), load_shipped("natural"))
+    assert Container.from_bytes(data).tiles
+    assert idfzip.decompress(data).tobytes() == a.tobytes()
+
+
+def test_short_streams_are_refused_before_any_network_runs(monkeypatch):
+    calls = []
+    model = load_shipped("natural")
+    monkeypatch.setattr(model.flow, "prior_raw", lambda *a, **k: calls.append(1))
+    c = Container.from_bytes((GOLDEN / "rgb.png").with_suffix(".idfz").read_bytes())
+    c.tiles = [b"\0\1\0\0\0"]  # an empty adaptation block and one word for 128 x 128 x 3 symbols
+    with pytest.raises(CorruptFileError, match="too short"):
+        idfzip.decompress(c.to_bytes(), model)
+    assert not calls
