@@ -29,33 +29,9 @@ __all__ = [
     "decompress",
     "inspect",
 ]
-_FROM_CODEC = ("compress", "compress_with_stats")
+_FROM_CODEC = ("compress", "compress_with_stats", "decompress", "inspect")
 # submodules an eager ``from .codec import ...`` used to bind as attributes (``idfzip.codec.x`` after import idfzip)
 _SUBMODULES = ("adapt", "codec", "coding", "container", "flows", "planes", "priors", "zoo")
-
-
-def _idfz_bytes(data) -> memoryview:
-    """``data`` as a view of its bytes, if it is bytes-like (bytes, bytearray, memoryview, mmap, array)."""
-    try:
-        m = memoryview(data)
-    except TypeError:
-        raise CorruptFileError(f"not .idfz data (expected bytes, got {type(data).__name__})") from None
-    return m.cast("B") if m.c_contiguous else memoryview(m.tobytes())
-
-
-def decompress(data, model=None, device: str = "cpu", progress=None):
-    """Decode .idfz bytes to a PIL image (identical pixels, mode, size, palette). ``model`` defaults to the one
-    named in the file. CorruptFileError for anything that is not an intact .idfz file."""
-    from .codec import decompress as _decompress
-
-    return _decompress(_idfz_bytes(data), model, device=device, progress=progress)
-
-
-def inspect(data) -> dict:
-    """Header facts of .idfz bytes, without decoding."""
-    from .codec import inspect as _inspect
-
-    return _inspect(_idfz_bytes(data))
 
 
 def __getattr__(name: str):

@@ -317,8 +317,9 @@ def compress(image, model: str | Model | None = None, tile: int = DEFAULT_TILE, 
 def decompress(
     data: bytes, model: str | Model | None = None, device: str = "cpu", progress: Callable[[int], None] | None = None
 ) -> Image.Image:
-    """Decode .idfz bytes. ``model`` defaults to the one named in the file."""
-    c = Container.from_bytes(bytes(data))
+    """Decode .idfz bytes to a PIL image (identical pixels, mode, size, palette). ``model`` defaults to the one
+    named in the file. CorruptFileError for anything that is not an intact .idfz file."""
+    c = Container.from_bytes(data)
     rgb = rest = None
     if c.tiles:
         if isinstance(model, Model):
@@ -358,7 +359,7 @@ def decompress(
 
 def inspect(data: bytes) -> dict:
     """Header facts of .idfz bytes, without decoding."""
-    c = Container.from_bytes(bytes(data))
+    c = Container.from_bytes(data)
     try:
         bands = len(Image.new(c.mode, (1, 1)).getbands())
     except (ValueError, OSError):

@@ -63,6 +63,18 @@ def write_varint(n: int) -> bytes:
             return bytes(out)
 
 
+def as_bytes(data) -> bytes:
+    """The bytes of bytes-like ``data`` (bytes, bytearray, memoryview, mmap, array); anything else is not a file
+    (``bytes(5)`` would be five zero bytes, ``bytes(10**12)`` a terabyte)."""
+    if isinstance(data, bytes):
+        return data
+    try:
+        m = memoryview(data)
+    except TypeError:
+        raise CorruptFileError(f"not .idfz data (expected bytes, got {type(data).__name__})") from None
+    return m.tobytes()
+
+
 class Reader:
     """Bounds-checked reading of a byte string; every failure is a CorruptFileError."""
 
@@ -173,6 +185,7 @@ class Container:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Container:
+        data = as_bytes(data)
         r = Reader(data)
         if len(data) < 4 or data[:3] != MAGIC:
             raise CorruptFileError("not an .idfz file (bad magic bytes)")

@@ -164,7 +164,7 @@ MAX_FREQ = (1 << PROB_BITS) - (1 << 16) - 1  # with constriction's +1 no core en
 CORE_TAIL_BITS = 6  # the core window leaves about 2**-6 of the mixture outside, the tail window 2**-17
 TAIL_BITS = 17
 LN2_Q16 = 45426  # round(2**16 ln 2)
-BLOCK = 1 << 14  # table entries computed at a time (buffers stay in cache)
+BLOCK = 1 << 16  # table entries computed at a time (each int64 buffer 512 KiB, cache-sized)
 _HALF_LIMITS = (np.array(WIDTHS, dtype=np.int64) // 2) << PARAM_FRAC
 
 
