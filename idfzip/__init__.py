@@ -29,9 +29,16 @@ __all__ = [
     "decompress",
     "inspect",
 ]
-_FROM_CODEC = ("compress", "compress_with_stats", "decompress", "inspect")
+_FROM_CODEC = ("compress", "compress_with_stats", "decompress")
 # submodules an eager ``from .codec import ...`` used to bind as attributes (``idfzip.codec.x`` after import idfzip)
 _SUBMODULES = ("adapt", "codec", "coding", "container", "flows", "planes", "priors", "zoo")
+
+
+def inspect(data) -> dict:
+    """Header facts of .idfz bytes, without decoding (and without torch)."""
+    from .container import inspect as _inspect
+
+    return _inspect(data)
 
 
 def __getattr__(name: str):

@@ -19,12 +19,12 @@ from pathlib import Path
 import click
 from PIL import Image
 
-from .container import REST_METHODS
+from . import registry
+from .container import REST_METHODS, inspect
 from .errors import IdfzipError
 from .imagefile import open_image, read_input
 
-DEFAULT_MODEL = "natural"  # = zoo.DEFAULT_MODEL, which needs torch to import; a test checks they agree
-DEFAULT_TILE = 1024  # = codec.DEFAULT_TILE, likewise
+DEFAULT_TILE = 1024  # = codec.DEFAULT_TILE, which needs torch to import; a test checks they agree
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
 LOSSLESS_SUFFIXES = {
     ".png": "PNG",
@@ -173,7 +173,7 @@ def _run_each(pairs, fn) -> None:
     "model",
     default=None,
     metavar="NAME_OR_PATH",
-    help=f"Model name or .safetensors path (default: {DEFAULT_MODEL}; decompress: the file's).",
+    help=f"Model name or .safetensors path (default: {registry.DEFAULT_MODEL}; decompress: the file's).",
 )
 @click.option(
     "--device",
@@ -255,9 +255,7 @@ def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
 def _default_suffix(src: Path) -> str:
     try:
         data = read_input(src)
-        from . import codec
-
-        mode = codec.inspect(data)["mode"]
+        mode = inspect(data)["mode"]
     except (IdfzipError, OSError):
         return ".png"
     return ".png" if mode in PNG_MODES else ".tif"
@@ -283,7 +281,7 @@ def decompress(ctx, inputs, output, out_dir, force, verbose):
         data = read_input(src)
         from . import codec, zoo
 
-        info = codec.inspect(data)
+        info = inspect(data)
         model = None
         if info["model"] is not None:
             m = zoo.load(ctx.obj["model"]) if ctx.obj["model"] else zoo.load_shipped(info["model"])
@@ -306,9 +304,7 @@ def info(inputs):
 
     def one(src: Path, _dst) -> None:
         data = read_input(src)
-        from . import codec
-
-        d = codec.inspect(data)
+        d = inspect(data)
         rest = d["rest"]
         lines = [
             f"file:        {src}",
@@ -470,11 +466,10 @@ def bench(ctx, paths, bench_model, compare, json_path, plot_path, limit):
 @cli.command("models")
 def models_cmd():
     """List the shipped models."""
-    from . import zoo
-
-    for name in zoo.available():
-        m = zoo.load(name)
-        click.echo(f"{name}\t{m.sha256.hex()[:16]}\t{m.flow.num_parameters()} parameters\t{m.path}")
+    for name in registry.available():
+        path = registry.shipped(name)
+        d = registry.describe(path)
+        click.echo(f"{name}\t{d['sha256'][:16]}\t{d['parameters']} parameters\t{path}")
 
 
 def _interrupted() -> None:

@@ -18,11 +18,11 @@ from PIL import Image
 
 from . import adapt
 from .coding import Decoder, Encoder, max_symbols
-from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container
+from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container, inspect  # noqa: F401
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
 from .priors import FloatMixture, IntMixture
-from .zoo import Model, is_shipped, load, load_by_hash, load_shipped, shipped_name
+from .zoo import Model, is_shipped, load, load_by_hash, load_shipped
 
 DEFAULT_TILE = 1024
 SMALL_IMAGE = 64 * 64  # RGB images up to this many pixels also try the classical coding and keep the smaller
@@ -355,30 +355,3 @@ def decompress(
             "CRC mismatch: decoded pixels differ from the original (corrupted file or non-reproducible decoding)"
         )
     return im
-
-
-def inspect(data: bytes) -> dict:
-    """Header facts of .idfz bytes, without decoding."""
-    c = Container.from_bytes(data)
-    try:
-        bands = len(Image.new(c.mode, (1, 1)).getbands())
-    except (ValueError, OSError):
-        bands = 1
-    n = c.width * c.height * bands
-    return {
-        "version": c.version,
-        "mode": c.mode,
-        "width": c.width,
-        "height": c.height,
-        "bytes": len(data),
-        "bpd": 8.0 * len(data) / n,
-        "model": c.model_name or (shipped_name(c.model_hash) if c.model_hash else None),
-        "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
-        "tile": c.tile_side if c.tiles else None,
-        "tiles": len(c.tiles),
-        "flow_bytes": sum(len(t) for t in c.tiles),
-        "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0") if c.adapted else 0,  # mask varint 0: not
-        "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},
-        "meta_bytes": len(c.meta or b""),
-        "crc32": f"{c.crc32:08x}",
-    }

@@ -9,7 +9,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from .errors import CorruptFileError, UnsupportedVersionError
+from .registry import shipped_name
 
 MAGIC = b"IDZ"
 VERSION = 4  # what writers write
@@ -248,3 +251,31 @@ class Container:
         if r.remaining():
             raise CorruptFileError(f"{r.remaining()} unexpected bytes after the end of the data")
         return c
+
+
+def inspect(data: bytes) -> dict:
+    """Header facts of .idfz bytes, without decoding."""
+    data = as_bytes(data)
+    c = Container.from_bytes(data)
+    try:
+        bands = len(Image.new(c.mode, (1, 1)).getbands())
+    except (ValueError, OSError):
+        bands = 1
+    n = c.width * c.height * bands
+    return {
+        "version": c.version,
+        "mode": c.mode,
+        "width": c.width,
+        "height": c.height,
+        "bytes": len(data),
+        "bpd": 8.0 * len(data) / n,
+        "model": c.model_name or (shipped_name(c.model_hash) if c.model_hash else None),
+        "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
+        "tile": c.tile_side if c.tiles else None,
+        "tiles": len(c.tiles),
+        "flow_bytes": sum(len(t) for t in c.tiles),
+        "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0") if c.adapted else 0,  # mask varint 0: not
+        "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},
+        "meta_bytes": len(c.meta or b""),
+        "crc32": f"{c.crc32:08x}",
+    }

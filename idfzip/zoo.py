@@ -1,4 +1,5 @@
-"""Model registry: a model is one safetensors file holding its weights and its config (JSON metadata).
+"""Models: a model is one safetensors file holding its weights and its config (JSON metadata); this module
+loads (cached) and saves them. Which files exist, by name and by hash, is idfzip.registry's (no torch).
 
 A model is named by its file stem (``natural`` -> ``natural.safetensors``) and identified in .idfz files by
 that name and the first bytes of the sha256 of the file. Shipped models live in the repository's models/
@@ -8,7 +9,6 @@ folder, installed as the package ``idfzip._models``. ``--model`` accepts a shipp
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -23,10 +23,17 @@ from safetensors.torch import save as st_save
 
 from .errors import ModelNotFoundError
 from .flows import HierarchicalIDF, IDFConfig
-
-DEFAULT_MODEL = "natural"
-FORMAT = "idfzip-model"
-FORMAT_VERSION = "1"
+from .registry import (  # noqa: F401 (the registry's names, as zoo has always offered them)
+    DEFAULT_MODEL,
+    FORMAT,
+    FORMAT_VERSION,
+    available,
+    models_dir,
+    resolve,
+    shipped,
+    shipped_hashes,
+    shipped_name,
+)
 
 
 @dataclass
@@ -38,69 +45,9 @@ class Model:
     metadata: dict
 
 
-def models_dir() -> Path | None:
-    """Where shipped models are: the installed ``idfzip._models`` package, else the repository's models/."""
-    try:
-        spec = importlib.util.find_spec("idfzip._models")
-    except (ModuleNotFoundError, ValueError):
-        spec = None
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        if Path(loc).is_dir():
-            return Path(loc)
-    p = Path(__file__).resolve().parent.parent / "models"
-    return p if p.is_dir() else None
-
-
-def available() -> list[str]:
-    d = models_dir()
-    return sorted(p.stem for p in d.glob("*.safetensors")) if d else []
-
-
-def shipped(name: str) -> Path:
-    """The shipped model called ``name`` (a bare name, never a path: names come from files being decoded)."""
-    d = models_dir()
-    if name and name.replace("-", "").replace("_", "").isalnum() and d is not None:
-        p = d / f"{name}.safetensors"
-        if p.is_file():
-            return p
-    raise ModelNotFoundError(
-        f"no shipped model named {name!r} (shipped: {', '.join(available()) or 'none'}); "
-        "give the model file with --model"
-    )
-
-
-@lru_cache(maxsize=1)
-def _shipped_hashes(folder: str, stamp: tuple) -> dict[bytes, str]:
-    return {hashlib.sha256(p.read_bytes()).digest(): p.stem for p in sorted(Path(folder).glob("*.safetensors"))}
-
-
-def shipped_hashes() -> dict[bytes, str]:
-    """sha256 -> name of every shipped model."""
-    d = models_dir()
-    if d is None:
-        return {}
-    files = sorted(d.glob("*.safetensors"))
-    return _shipped_hashes(str(d), tuple((p.name, p.stat().st_mtime, p.stat().st_size) for p in files))
-
-
-def shipped_name(prefix: bytes) -> str | None:
-    """The name of the shipped model whose sha256 starts with ``prefix``, if there is one."""
-    return next((n for h, n in shipped_hashes().items() if h.startswith(prefix)), None)
-
-
 def is_shipped(model: Model) -> bool:
     """Whether ``model`` is the shipped model of its name (so that files can name it by its hash alone)."""
     return shipped_hashes().get(model.sha256) == model.name
-
-
-def resolve(name_or_path: str | None) -> Path:
-    name_or_path = name_or_path or DEFAULT_MODEL
-    p = Path(name_or_path)
-    if p.suffix == ".safetensors" or os.sep in name_or_path or p.is_file():
-        if not p.is_file():
-            raise ModelNotFoundError(f"model file not found: {name_or_path}")
-        return p
-    return shipped(name_or_path)
 
 
 def save_model(flow: HierarchicalIDF, path: str | Path, name: str, extra: dict | None = None) -> bytes:

@@ -1,0 +1,103 @@
+"""Where models are and what they are, without torch: shipped models by name and by hash, model files by path,
+and a model file's facts read from its safetensors header. ``idfzip models`` and ``idfzip info`` use only
+this, so they answer at once; loading weights is zoo's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+DEFAULT_MODEL = "natural"
+FORMAT = "idfzip-model"
+FORMAT_VERSION = "1"
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # parameters; integer tensors are buffers (permutations)
+
+
+def models_dir() -> Path | None:
+    """Where shipped models are: the installed ``idfzip._models`` package, else the repository's models/."""
+    try:
+        spec = importlib.util.find_spec("idfzip._models")
+    except (ModuleNotFoundError, ValueError):
+        spec = None
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if Path(loc).is_dir():
+            return Path(loc)
+    p = Path(__file__).resolve().parent.parent / "models"
+    return p if p.is_dir() else None
+
+
+def available() -> list[str]:
+    d = models_dir()
+    return sorted(p.stem for p in d.glob("*.safetensors")) if d else []
+
+
+def shipped(name: str) -> Path:
+    """The shipped model called ``name`` (a bare name, never a path: names come from files being decoded)."""
+    d = models_dir()
+    if name and name.replace("-", "").replace("_", "").isalnum() and d is not None:
+        p = d / f"{name}.safetensors"
+        if p.is_file():
+            return p
+    raise ModelNotFoundError(
+        f"no shipped model named {name!r} (shipped: {', '.join(available()) or 'none'}); "
+        "give the model file with --model"
+    )
+
+
+@lru_cache(maxsize=1)
+def _shipped_hashes(folder: str, stamp: tuple) -> dict[bytes, str]:
+    return {hashlib.sha256(p.read_bytes()).digest(): p.stem for p in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def shipped_hashes() -> dict[bytes, str]:
+    """sha256 -> name of every shipped model."""
+    d = models_dir()
+    if d is None:
+        return {}
+    files = sorted(d.glob("*.safetensors"))
+    return _shipped_hashes(str(d), tuple((p.name, p.stat().st_mtime, p.stat().st_size) for p in files))
+
+
+def shipped_name(prefix: bytes) -> str | None:
+    """The name of the shipped model whose sha256 starts with ``prefix``, if there is one."""
+    return next((n for h, n in shipped_hashes().items() if h.startswith(prefix)), None)
+
+
+def resolve(name_or_path: str | None) -> Path:
+    name_or_path = name_or_path or DEFAULT_MODEL
+    p = Path(name_or_path)
+    if p.suffix == ".safetensors" or os.sep in name_or_path or p.is_file():
+        if not p.is_file():
+            raise ModelNotFoundError(f"model file not found: {name_or_path}")
+        return p
+    return shipped(name_or_path)
+
+
+def describe(path: Path) -> dict:
+    """sha256 (hex), parameter count (float tensors) and metadata of the model file at ``path``, from its
+    safetensors header (8-byte length, then JSON) without loading the weights."""
+    data = path.read_bytes()
+    try:
+        (n,) = struct.unpack_from("<Q", data)
+        header = json.loads(data[8 : 8 + n])
+        tensors = [v for k, v in header.items() if k != "__metadata__"]
+        params = sum(_numel(v["shape"]) for v in tensors if v["dtype"] in _FLOAT_DTYPES)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelNotFoundError(f"{path}: not a valid safetensors model file") from None
+    meta = header.get("__metadata__", {})
+    return {"sha256": hashlib.sha256(data).hexdigest(), "parameters": params, "metadata": meta}
+
+
+def _numel(shape: list) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
