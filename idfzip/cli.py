@@ -165,31 +165,67 @@ def _run_each(pairs, fn) -> None:
         sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="idfzip")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores).")
-@click.option(
-    "--model",
-    "model",
-    default=None,
-    metavar="NAME_OR_PATH",
-    help=f"Model name or .safetensors path (default: {registry.DEFAULT_MODEL}; decompress: the file's).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda"]),
-    default="cpu",
-    show_default=True,
-    help="Where the networks run (their arithmetic is exact fixed point, so the file does not depend on it).",
-)
-@click.pass_context
-def cli(ctx, threads, model, device):
-    """idfzip: lossless image compression with integer discrete flows."""
+def _set_threads(_ctx, _param, threads: int | None) -> None:
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    ctx.obj = {"model": model, "device": device}
+
+
+def _set_obj(ctx, param, value) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)[param.name] = value
+
+
+_SHARED = {
+    "threads": click.option(
+        "--threads",
+        type=click.IntRange(1, 1024),
+        default=None,
+        expose_value=False,
+        callback=_set_threads,
+        help="CPU threads (default: all cores).",
+    ),
+    "model": click.option(
+        "--model",
+        default=None,
+        metavar="NAME_OR_PATH",
+        expose_value=False,
+        callback=_set_obj,
+        help=f"Model name or .safetensors path (default: {registry.DEFAULT_MODEL}; decompress: the file's).",
+    ),
+    "device": click.option(
+        "--device",
+        type=click.Choice(["cpu", "cuda"]),
+        default=None,
+        expose_value=False,
+        callback=_set_obj,
+        help="Where the networks run (their arithmetic is exact fixed point, so the file does not depend on it). "
+        "[default: cpu]",
+    ),
+}
+
+
+def _shared(*names: str):
+    """The options --threads, --model, --device, accepted before the subcommand and after it alike."""
+
+    def decorate(f):
+        for name in reversed(names):
+            f = _SHARED[name](f)
+        return f
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="idfzip")
+@_shared("threads", "model", "device")
+@click.pass_context
+def cli(ctx):
+    """idfzip: lossless image compression with integer discrete flows."""
+    ctx.ensure_object(dict)
+    ctx.obj.setdefault("model", None)
+    ctx.obj.setdefault("device", "cpu")
 
 
 def _model(ctx):
@@ -213,6 +249,7 @@ def _model(ctx):
 @click.option("--verify", is_flag=True, help="Decode the result and confirm it is identical before writing it.")
 @click.option("-v", "--verbose", is_flag=True, help="Print size, bits per sub-pixel, model NLL and time.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_shared("threads", "model", "device")
 @click.pass_context
 def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
     """Compress images to .idfz (INPUT.png -> INPUT.idfz)."""
@@ -272,6 +309,7 @@ def _default_suffix(src: Path) -> str:
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("-v", "--verbose", is_flag=True, help="Print what was decoded and the time taken.")
+@_shared("threads", "model", "device")
 @click.pass_context
 def decompress(ctx, inputs, output, out_dir, force, verbose):
     """Decompress .idfz files back to the identical image (INPUT.idfz -> INPUT.png)."""
@@ -351,6 +389,7 @@ def info(inputs):
 @click.option("--minutes", type=click.FloatRange(0), default=None, help="Stop after this many minutes.")
 @click.option("--device", "train_device", type=click.Choice(["cpu", "cuda"]), default=None, help="Train here.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing OUT.")
+@_shared("threads")
 @click.pass_context
 def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_device, force):
     """Train a model on DATA (folders, images or zips of images) and write OUT, usable at once with --model."""
@@ -414,7 +453,6 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--model", "bench_model", metavar="NAME_OR_PATH", default=None, help="Model (default: the global one).")
 @click.option(
     "--compare",
     default=",".join(("png", "webp", "jpeg2000", "jpegls", "jpegxl")),
@@ -424,8 +462,9 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart here (needs matplotlib).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N images, in sorted order.")
+@_shared("threads", "model", "device")
 @click.pass_context
-def bench(ctx, paths, bench_model, compare, json_path, plot_path, limit):
+def bench(ctx, paths, compare, json_path, plot_path, limit):
     """Bits per sub-pixel and speed of idfzip beside classical codecs, on PATHS (folders, images, zips)."""
     import json
 
@@ -447,7 +486,7 @@ def bench(ctx, paths, bench_model, compare, json_path, plot_path, limit):
     sources = find_images(paths)[:limit]
     if not sources:
         raise IdfzipError("no images found in " + ", ".join(paths))
-    model = zoo.with_device(zoo.load(bench_model or ctx.obj["model"]), ctx.obj["device"])
+    model = zoo.with_device(zoo.load(ctx.obj["model"]), ctx.obj["device"])
     with tqdm(total=len(sources), desc="bench", unit="img", file=sys.stderr, disable=None, leave=False) as bar:
         res = bm.run(sources, model, names, ctx.obj["device"], progress=bar.update)
     if not res.images:

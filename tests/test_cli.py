@@ -329,6 +329,52 @@ def test_quick_commands_do_not_import_torch(args):
     assert cli_module.DEFAULT_TILE == codec.DEFAULT_TILE
 
 
+def test_shared_options_go_before_or_after_the_subcommand(tiny, tmp_path):
+    """--threads, --model and --device are accepted after the subcommand as before it (as bench and train take
+    them); the value after wins."""
+    import torch
+
+    src = tmp_path / "a.png"
+    Image.fromarray(photo(80, 60)).save(src)
+    n = torch.get_num_threads()
+    try:
+        r = CliRunner().invoke(
+            cli,
+            [
+                "--model",
+                "no-such-model",
+                "compress",
+                "--threads",
+                "1",
+                "--model",
+                tiny.path,
+                "--device",
+                "cpu",
+                "-v",
+                str(src),
+            ],
+        )
+        assert r.exit_code == 0 and f"flow:{tiny.name}" in r.output, r.output
+        assert torch.get_num_threads() == 1
+        r = CliRunner().invoke(
+            cli,
+            [
+                "decompress",
+                "--threads",
+                "2",
+                "--model",
+                tiny.path,
+                "-o",
+                str(tmp_path / "b.png"),
+                str(tmp_path / "a.idfz"),
+            ],
+        )
+        assert r.exit_code == 0 and torch.get_num_threads() == 2, r.output
+        assert_same(Image.open(tmp_path / "b.png"), Image.open(src))
+    finally:
+        torch.set_num_threads(n)
+
+
 def test_models_lists_what_loading_finds():
     from idfzip import zoo
 
