@@ -3,7 +3,10 @@
 Figures: bits = whole file bytes x 8; bpd = bits / (width x height x channels); totals are sums over images
 (total bpd = total bits / total sub-pixels). The NLL is the model's ideal code length of the RGB pixels (also
 where the classical coding came out smaller and was kept), without header. Times are in-process wall seconds
-per image (the model is loaded once, before timing). Speeds are in MB/s of raw 8-bit sub-pixels.
+per image (the model is loaded once, before timing). Speeds are in MB/s of raw 8-bit sub-pixels. With
+``process`` > 0 the first images are also coded by whole ``idfzip compress`` / ``decompress`` processes (start-up,
+model loading, PNG reading and writing included: what a user waits for), whose files must be the in-process
+bytes and whose output the image.
 
 Every image is benchmarked as its 8-bit pixels: L, LA, RGB or RGBA (palette and 1-bit images are expanded to
 those first, so that all codecs see the same sub-pixels). Images with more than 8 bits per sample are skipped.
@@ -16,9 +19,13 @@ CharLS), JPEG-XL lossless at effort 7 (imagecodecs/libjxl). A codec this machine
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -146,6 +153,8 @@ class Result:
     subpixels: int = 0
     nll_bits: float = 0.0
     ours: Totals = field(default_factory=Totals)
+    process: Totals = field(default_factory=Totals)  # whole processes, on the first images
+    process_subpixels: int = 0
     baselines: dict[str, Totals] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     skipped_images: dict[str, str] = field(default_factory=dict)
@@ -166,6 +175,13 @@ class Result:
                 "nll_bpd": self.nll_bits / max(1, self.subpixels),
                 "encode_s": o.encode_s,
                 "decode_s": o.decode_s,
+                "process": {
+                    "images": sum("process_encode_s" in i for i in self.images),
+                    "subpixels": self.process_subpixels,
+                    "encode_s": self.process.encode_s,
+                    "decode_s": self.process.decode_s,
+                    "exact": self.process.exact,
+                },
             },
             "baselines": {
                 k: {
@@ -201,6 +217,14 @@ class Result:
             f"{len(self.images)} images, {self.subpixels:,} sub-pixels; model {self.model_name} "
             f"({self.model_sha256[:16]}), NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
         )
+        if self.process_subpixels:
+            mb, p = self.process_subpixels / 1e6, self.process
+            n = sum("process_encode_s" in i for i in self.images)
+            lines.append(
+                f"idfzip as whole processes (first {n} image{'s' * (n != 1)}): enc {mb / max(p.encode_s, 1e-9):.3f} MB/s "
+                f"({p.encode_s / n:.2f} s per image), dec {mb / max(p.decode_s, 1e-9):.3f} MB/s "
+                f"({p.decode_s / n:.2f} s per image), {'exact' if p.exact else 'NOT EXACT'}"
+            )
         for name, why in self.skipped.items():
             lines.append(f"skipped {name}: {why}")
         for name, why in self.skipped_images.items():
@@ -220,8 +244,10 @@ def run(
     compare: Iterable[str] = CODECS,
     device: str = "cpu",
     progress: Callable[[], None] | None = None,
+    process: int = 0,
 ) -> Result:
-    """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` and the baselines."""
+    """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` and the baselines; the
+    first ``process`` images also as whole CLI processes."""
     res = Result(model.name, model.sha256.hex())
     codecs = {}
     for name in compare:
@@ -268,6 +294,8 @@ def run(
                 "exact": exact,
             }
         )
+        if len(res.images) <= process:
+            _whole_processes(res, im, data, model, device)
         a = np.asarray(im)
         for name, (enc, dec) in codecs.items():
             t = res.baselines[name]
@@ -280,6 +308,31 @@ def run(
         if progress:
             progress()
     return res
+
+
+def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, device: str) -> None:
+    """Time ``idfzip compress`` and ``idfzip decompress`` of ``im`` as new processes (same model, device and
+    thread count) and check them against the in-process file ``data``; adds to the last image's record."""
+    import torch
+
+    common = ["--threads", str(torch.get_num_threads()), "--model", model.path, "--device", device, "-q", "-f"]
+    with tempfile.TemporaryDirectory(prefix="idfzip-bench-") as d:
+        src, packed, back = Path(d, "in.png"), Path(d, "in.idfz"), Path(d, "back.png")
+        im.save(src)
+        times = []
+        for args in (["compress", *common, "-o", packed, src], ["decompress", *common[:-2], "-f", "-o", back, packed]):
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "idfzip.cli", *map(str, args)], capture_output=True, text=True)
+            times.append(time.perf_counter() - t)
+            if r.returncode:
+                raise IdfzipError(f"whole-process {args[0]} failed: {r.stderr.strip()[-300:]}")
+        exact = packed.read_bytes() == data and same_image(Image.open(back), im)
+    p = res.process
+    p.encode_s += times[0]
+    p.decode_s += times[1]
+    p.exact &= exact
+    res.process_subpixels += res.images[-1]["width"] * res.images[-1]["height"] * res.images[-1]["channels"]
+    res.images[-1].update(process_encode_s=times[0], process_decode_s=times[1], process_exact=exact)
 
 
 def plot(res: Result, path: str) -> None:

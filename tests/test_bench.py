@@ -60,7 +60,7 @@ def images(tmp_path):
 def test_json_schema_and_totals(tiny, images, tmp_path):
     out = tmp_path / "r.json"
     args = ["bench", str(images), "--model", str(tiny.path), "--compare", "png", "--json", str(out), "--limit", "2"]
-    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    r = CliRunner().invoke(cli, [*args, "--process", "1"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "PNG" in r.output and "idfzip" in r.output
     res = json.loads(out.read_text())
@@ -80,6 +80,11 @@ def test_json_schema_and_totals(tiny, images, tmp_path):
     assert set(res["baselines"]) == {"png"}
     check(res["baselines"]["png"], SCHEMA["baseline"])
     assert res["baselines"]["png"]["exact"]
+    # the first image also as whole processes: same file, same image
+    p = t["process"]
+    assert p["images"] == 1 and p["subpixels"] == 80 * 64 * 3 and p["exact"] and p["encode_s"] > 0 < p["decode_s"]
+    assert res["images"][0]["process_exact"] and "process_encode_s" not in res["images"][1]
+    assert "as whole processes (first 1 image)" in r.output
 
 
 def test_zip_and_single_image_inputs(tiny, images, tmp_path):
@@ -105,6 +110,7 @@ def test_missing_codec_is_skipped_not_a_crash(tiny, images, monkeypatch, tmp_pat
     monkeypatch.setattr(bench, "baseline", fake)
     out = tmp_path / "r.json"
     args = ["bench", str(images / "b.png"), "--model", str(tiny.path), "--compare", "png,jpegls,jpegxl", "--json", out]
+    args += ["--process", "0"]
     r = CliRunner().invoke(cli, [*map(str, args)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "skipped jpegxl: not installed" in r.output and "skipped jpegls" in r.output
@@ -133,6 +139,8 @@ def test_bad_arguments(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     runner = CliRunner()
     with pytest.raises(IdfzipError, match="no images"):
-        runner.invoke(cli, ["bench", str(tmp_path / "empty"), "--model", str(tiny.path)], catch_exceptions=False)
+        runner.invoke(
+            cli, ["bench", str(tmp_path / "empty"), "--model", str(tiny.path), "--process", "0"], catch_exceptions=False
+        )
     r = runner.invoke(cli, ["bench", str(tmp_path), "--compare", "gif"])
     assert r.exit_code != 0 and "unknown codec" in r.output
