@@ -5,9 +5,10 @@
 >>> idfzip.decompress(data)            # -> PIL image, pixel-identical
 
 Importing the package imports neither torch nor the codec: they load on first use of a name from
-idfzip.codec (module ``__getattr__``), so ``idfzip --help`` starts at once and the command line handles
-Ctrl-C while torch loads. ``decompress`` and ``inspect`` accept bytes-like data only; anything else is a
-CorruptFileError, never a TypeError (and never ``bytes(n)``, n zero bytes).
+idfzip.codec (module ``__getattr__``; ``inspect`` comes from idfzip.container and needs no torch), so
+``idfzip --help`` starts at once and the command line handles Ctrl-C while torch loads. ``decompress`` and
+``inspect`` accept bytes-like data only; anything else is a CorruptFileError, never a TypeError (and never
+``bytes(n)``, n zero bytes).
 """
 
 from __future__ import annotations
@@ -29,25 +30,19 @@ __all__ = [
     "decompress",
     "inspect",
 ]
-_FROM_CODEC = ("compress", "compress_with_stats", "decompress")
+# lazy names and the module each comes from (inspect: the container alone, no torch)
+_LAZY = {"compress": "codec", "compress_with_stats": "codec", "decompress": "codec", "inspect": "container"}
 # submodules an eager ``from .codec import ...`` used to bind as attributes (``idfzip.codec.x`` after import idfzip)
 _SUBMODULES = ("adapt", "codec", "coding", "container", "flows", "planes", "priors", "zoo")
 
 
-def inspect(data) -> dict:
-    """Header facts of .idfz bytes, without decoding (and without torch)."""
-    from .container import inspect as _inspect
-
-    return _inspect(data)
-
-
 def __getattr__(name: str):
-    if name in _FROM_CODEC:
-        return getattr(importlib.import_module(".codec", __name__), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_FROM_CODEC) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

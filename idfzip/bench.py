@@ -154,10 +154,18 @@ class Result:
     nll_bits: float = 0.0
     ours: Totals = field(default_factory=Totals)
     process: Totals = field(default_factory=Totals)  # whole processes, on the first images
-    process_subpixels: int = 0
     baselines: dict[str, Totals] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     skipped_images: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def process_images(self) -> list[dict]:
+        """The records of the images also timed as whole processes."""
+        return [i for i in self.images if "process_encode_s" in i]
+
+    @property
+    def process_subpixels(self) -> int:
+        return sum(i["width"] * i["height"] * i["channels"] for i in self.process_images)
 
     def bpd(self, nbytes: int) -> float:
         return 8.0 * nbytes / max(1, self.subpixels)
@@ -176,7 +184,7 @@ class Result:
                 "encode_s": o.encode_s,
                 "decode_s": o.decode_s,
                 "process": {
-                    "images": sum("process_encode_s" in i for i in self.images),
+                    "images": len(self.process_images),
                     "subpixels": self.process_subpixels,
                     "encode_s": self.process.encode_s,
                     "decode_s": self.process.decode_s,
@@ -219,9 +227,10 @@ class Result:
         )
         if self.process_subpixels:
             mb, p = self.process_subpixels / 1e6, self.process
-            n = sum("process_encode_s" in i for i in self.images)
+            n = len(self.process_images)
+            first = f"first {n} image{'s' * (n != 1)}"
             lines.append(
-                f"idfzip as whole processes (first {n} image{'s' * (n != 1)}): enc {mb / max(p.encode_s, 1e-9):.3f} MB/s "
+                f"idfzip as whole processes ({first}): enc {mb / max(p.encode_s, 1e-9):.3f} MB/s "
                 f"({p.encode_s / n:.2f} s per image), dec {mb / max(p.decode_s, 1e-9):.3f} MB/s "
                 f"({p.decode_s / n:.2f} s per image), {'exact' if p.exact else 'NOT EXACT'}"
             )
@@ -315,12 +324,12 @@ def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, de
     thread count) and check them against the in-process file ``data``; adds to the last image's record."""
     import torch
 
-    common = ["--threads", str(torch.get_num_threads()), "--model", model.path, "--device", device, "-q", "-f"]
+    shared = ["--threads", str(torch.get_num_threads()), "--model", model.path, "--device", device, "-f"]
     with tempfile.TemporaryDirectory(prefix="idfzip-bench-") as d:
         src, packed, back = Path(d, "in.png"), Path(d, "in.idfz"), Path(d, "back.png")
         im.save(src)
         times = []
-        for args in (["compress", *common, "-o", packed, src], ["decompress", *common[:-2], "-f", "-o", back, packed]):
+        for args in (["compress", *shared, "-q", "-o", packed, src], ["decompress", *shared, "-o", back, packed]):
             t = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "idfzip.cli", *map(str, args)], capture_output=True, text=True)
             times.append(time.perf_counter() - t)
@@ -331,7 +340,6 @@ def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, de
     p.encode_s += times[0]
     p.decode_s += times[1]
     p.exact &= exact
-    res.process_subpixels += res.images[-1]["width"] * res.images[-1]["height"] * res.images[-1]["channels"]
     res.images[-1].update(process_encode_s=times[0], process_decode_s=times[1], process_exact=exact)
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import adapt
 from .coding import Decoder, Encoder, max_symbols
-from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container, inspect  # noqa: F401
+from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
 from .priors import FloatMixture, IntMixture
