@@ -108,8 +108,10 @@ class _Tile:
     the mixture of each segment. A segment's mixture depends only on segments before it in ``schedule``, so
     the encoder (which knows every latent) computes exactly the decoder's mixtures, in either direction."""
 
-    def __init__(self, flow, H: int, W: int, device: str, portable: bool, params: adapt.Params):
-        self.flow, self.device, self.portable, self.params = flow, device, portable, params
+    def __init__(self, flow, H: int, W: int, device: str, version: int, params: adapt.Params):
+        self.flow, self.device, self.params = flow, device, params
+        self.portable = version >= 4  # integer coding tables
+        self.integer = version >= 5  # the networks' integer mode
         self.L, self.C, self.K = flow.config.levels, flow.config.channels, flow.config.mixtures
         shape = [(H >> (lv + 1), W >> (lv + 1)) for lv in range(self.L)]
         self.z = [torch.zeros((1, 3 * self.C) + s, dtype=torch.long, device=device) for s in shape]
@@ -122,18 +124,18 @@ class _Tile:
     def encode(self, rgb: np.ndarray) -> None:
         """All latents of a tile's pixels (encoder)."""
         x = torch.from_numpy(_pad(rgb, self.flow.multiple).astype(np.int64)).permute(2, 0, 1)[None].contiguous()
-        x = self.flow.color_encode(x.to(self.device))
+        x = self.flow.color_encode(x.to(self.device), self.integer)
         for level in range(self.L):
-            x, self.z[level] = self.flow.level_encode(level, x)
+            x, self.z[level] = self.flow.level_encode(level, x, self.integer)
             self.kept[level] = x
 
     def pixels(self) -> torch.Tensor:
         """The padded tile's pixels (1, C, H, W) once every segment is stored (decoder)."""
-        return self.flow.color_decode(self.flow.level_decode(0, self._kept(0), self.z[0]))
+        return self.flow.color_decode(self.flow.level_decode(0, self._kept(0), self.z[0], self.integer), self.integer)
 
     def _kept(self, level: int) -> torch.Tensor:
         if level not in self.kept:  # decoder: level + 1 is complete by the time level is needed
-            self.kept[level] = self.flow.level_decode(level + 1, self._kept(level + 1), self.z[level + 1])
+            self.kept[level] = self.flow.level_decode(level + 1, self._kept(level + 1), self.z[level + 1], self.integer)
         return self.kept[level]
 
     def symbols(self, seg: Segment) -> torch.Tensor:
@@ -167,7 +169,7 @@ class _Tile:
         if g not in self._raw:
             C, z = self.C, self.z[level]
             ctx = torch.cat([self._kept(level), z[:, : j * C]], 1)
-            raw = self.flow.prior_raw(level, j, ctx, z[:, j * C : (j + 1) * C], g)
+            raw = self.flow.prior_raw(level, j, ctx, z[:, j * C : (j + 1) * C], g, self.integer)
             self._raw[g] = _gather(raw, self.groups[level][g])
         raw, K = self._raw[g], self.K
         if self.flow.n_ar:
@@ -195,11 +197,13 @@ class _Tile:
 
 
 @torch.no_grad()
-def _encode_tile(model: Model, rgb: np.ndarray, device: str, fit: bool = True) -> tuple[adapt.Params, bytes, float]:
+def _encode_tile(
+    model: Model, rgb: np.ndarray, device: str, version: int, fit: bool = True
+) -> tuple[adapt.Params, bytes, float]:
     """(adaptation parameters, entropy-coded stream, its ideal length in bits). ``fit``: fit the adaptation."""
     flow = model.flow
     m = flow.multiple
-    tile = _Tile(flow, -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m, device, True, {})
+    tile = _Tile(flow, -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m, device, version, {})
     tile.encode(rgb)
     enc = Encoder()
     fitted = set()
@@ -225,7 +229,7 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str, adapted
     if portable and _symbols(flow, H, W) > max_symbols(len(data)):
         raise CorruptFileError("entropy-coded stream is too short for its tile")
     dec = Decoder(data, portable)
-    tile = _Tile(flow, H, W, device, portable, params)
+    tile = _Tile(flow, H, W, device, version, params)
     for seg in schedule(flow):
         tile.store(seg, dec.pop(tile.mixture(seg)))
     x = tile.pixels().cpu()
@@ -236,13 +240,19 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str, adapted
 
 
 def _encode_rgb(
-    model: Model, rgb: np.ndarray, tile: int, device: str, fit: bool, progress: Callable[[int], None] | None
+    model: Model,
+    rgb: np.ndarray,
+    tile: int,
+    device: str,
+    version: int,
+    fit: bool,
+    progress: Callable[[int], None] | None,
 ) -> tuple[list[bytes], bool, float]:
     """(tile streams, whether they start with adaptation blocks, ideal code length in bits)."""
     h, w = rgb.shape[:2]
     coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
-        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, fit)
+        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, fit)
         coded.append((params, s))
         bits += b
         if progress:
@@ -293,7 +303,9 @@ def compress_with_stats(
         c.model_name = "" if is_shipped(mdl) else mdl.name
         c.model_hash = mdl.sha256[:MODEL_HASH_BYTES]
         c.tile = 0 if max(im.width, im.height) <= tile else tile
-        c.tiles, c.adapted, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, adaptive, progress)
+        # a calibrated model runs its networks in integer arithmetic (version 5); others write version 4
+        c.version = 5 if mdl.flow.integer else 4
+        c.tiles, c.adapted, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, c.version, adaptive, progress)
         stats.flow_bytes = sum(len(t) for t in c.tiles)
         stats.method = f"flow:{mdl.name}"
     if rest is not None and not flat:
@@ -328,7 +340,7 @@ def decompress(
             mdl = load(model)
         else:
             mdl = load_shipped(c.model_name) if c.model_name else load_by_hash(c.model_hash)
-        if mdl.sha256[:MODEL_HASH_BYTES] != c.model_hash:
+        if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
             written = repr(c.model_name) if c.model_name else "a shipped model"
             raise ModelMismatchError(
                 f"file was written with model {written} ({c.model_hash.hex()}), "

@@ -15,8 +15,8 @@ from .errors import CorruptFileError, UnsupportedVersionError
 from .registry import shipped_name
 
 MAGIC = b"IDZ"
-VERSION = 4  # what writers write
-READ_VERSIONS = (1, 2, 3, 4)  # what readers read
+VERSION = 5  # what writers write (4 with a model never calibrated for the integer mode)
+READ_VERSIONS = (1, 2, 3, 4, 5)  # what readers read
 MAX_SIDE = 1 << 20
 MAX_PIXELS = 1 << 28
 MAX_TILE = 1 << 14

@@ -54,11 +54,21 @@ def shipped(name: str) -> Path:
 
 @lru_cache(maxsize=1)
 def _shipped_hashes(folder: str, stamp: tuple) -> dict[bytes, str]:
-    return {hashlib.sha256(p.read_bytes()).digest(): p.stem for p in sorted(Path(folder).glob("*.safetensors"))}
+    out, previous = {}, {}
+    for p in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            info = describe(p)
+            out[bytes.fromhex(info["sha256"])] = p.stem
+            previous[bytes.fromhex(info["metadata"].get("calibrated_from", ""))] = p.stem
+        except (ModelNotFoundError, ValueError, AttributeError):
+            continue
+    previous.pop(b"", None)
+    return {**previous, **out}
 
 
 def shipped_hashes() -> dict[bytes, str]:
-    """sha256 -> name of every shipped model."""
+    """sha256 -> name of every shipped model, also the sha256 of the file each was calibrated from (its files
+    of versions 1-4 name that one; zoo.Model.hashes)."""
     d = models_dir()
     if d is None:
         return {}

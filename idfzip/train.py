@@ -129,6 +129,16 @@ def evaluate(model: HierarchicalIDF, images: list[np.ndarray], size: int = 256) 
     return bits / max(n, 1)
 
 
+CALIBRATION_BATCHES = 8
+
+
+def calibrate(model: HierarchicalIDF, images: list[np.ndarray], crop: int, batch: int, seed: int = 0) -> None:
+    """Calibrate ``model``'s integer mode (nets.py) on CALIBRATION_BATCHES batches of random crops of ``images``
+    (the same crops for a given seed)."""
+    rng = np.random.default_rng(seed)
+    model.calibrate([_crops(images, batch, crop, rng) for _ in range(CALIBRATION_BATCHES)], seed=seed)
+
+
 def _conv_depth(state: dict, net: str) -> int:
     """Number of convolutions in the residual branch of the ConvNet named ``net`` in ``state``."""
     n = 0
@@ -220,7 +230,7 @@ def train(
         state = torch.load(resume, map_location=device, weights_only=True)
         if state.get("config", model_config.to_dict()) != model_config.to_dict():
             raise ValueError(f"{resume}: the checkpoint's model config differs from this one")
-        model.load_state_dict(state["model"])
+        model.load_weights(state["model"])
         opt.load_state_dict(state["opt"])
         ema_state = state.get("ema")
         step = int(state["step"])
@@ -266,6 +276,7 @@ def train(
             log(f"step {step} validation {v:.4f} bpd" + (" (best)" if v < best else ""))
             best = min(best, v)
             if v == best:
+                calibrate(model, train_imgs, tc.crop, tc.batch, tc.seed)
                 save_model(model, out, name, {"step": str(step), "val_bpd": f"{v:.4f}"})
             model.to(device).train()
             if current is not None:

@@ -43,6 +43,13 @@ class Model:
     path: str
     flow: HierarchicalIDF
     metadata: dict
+    # the sha256 of the file this one was calibrated from (metadata ``calibrated_from``): the same float
+    # weights, so files of versions 1-4 written with that file decode with this one
+    previous: bytes = b""
+
+    def hashes(self, version: int) -> list[bytes]:
+        """The file hashes a container of format ``version`` may name this model by."""
+        return [self.sha256] + ([self.previous] if self.previous and version <= 4 else [])
 
 
 def is_shipped(model: Model) -> bool:
@@ -85,7 +92,7 @@ def model_from_bytes(data: bytes, name: str, path: str = "") -> Model:
         raise ModelNotFoundError(f"{path or name}: not an idfzip model file of format version {FORMAT_VERSION}")
     try:
         flow = HierarchicalIDF(IDFConfig.from_dict(json.loads(meta["config"])))
-        flow.load_state_dict(tensors, strict=True)
+        flow.load_weights(tensors)  # a model never calibrated writes version 4 files
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(f"{path or name}: weights do not match the config ({detail})") from None
@@ -93,7 +100,11 @@ def model_from_bytes(data: bytes, name: str, path: str = "") -> Model:
     for mod in flow.modules():
         if hasattr(mod, "freeze"):
             mod.freeze()
-    return Model(name, hashlib.sha256(data).digest(), path, flow, meta)
+    try:
+        previous = bytes.fromhex(meta.get("calibrated_from", ""))
+    except ValueError:
+        raise ModelNotFoundError(f"{path or name}: invalid calibrated_from in the metadata") from None
+    return Model(name, hashlib.sha256(data).digest(), path, flow, meta, previous)
 
 
 def load_shipped(name: str) -> Model:

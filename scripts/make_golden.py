@@ -2,7 +2,8 @@
 beside them, with the shipped `natural` model (tests/test_golden.py decodes them and requires re-encoding to
 give the same bytes). Run only when the container version changes; never to make a failing test pass.
 
-The legacy_v{1,2,3}.idfz files were written by idfzip at commit b7424ea (version 3, the last float-table
+The {rgb,rgba,tiled}_v4.idfz files were written the same way by commit 88ca5f9 (version 4, float64
+networks) with the shipped model before its calibration. The legacy_v{1,2,3}.idfz files were written by idfzip at commit b7424ea (version 3, the last float-table
 build) from legacy.png: v3 as `idfzip.compress(im, "natural")`, v2 and v1 as that build's unadapted stream in
 the older layouts."""
 

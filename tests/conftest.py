@@ -17,14 +17,17 @@ from idfzip.zoo import load, save_model
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
-def make_model(tmp_path: Path, name: str = "tiny", **cfg) -> object:
-    """A small randomly initialised model (random prior weights) saved and loaded like a shipped one."""
+def make_model(tmp_path: Path, name: str = "tiny", calibrated: bool = True, **cfg) -> object:
+    """A small randomly initialised model (random prior weights) saved and loaded like a shipped one;
+    ``calibrated``: for the integer mode, on four smooth random images (its files are version 5, else 4)."""
     torch.manual_seed(1)
     config = IDFConfig(**{"levels": 2, "prior_hidden": 8, "mixtures": 2, **cfg})
     flow = HierarchicalIDF(config)
     with torch.no_grad():  # perturb the lifting filters so the flow is not a plain wavelet
         for p in flow.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    if calibrated:
+        flow.calibrate([torch.from_numpy(np.stack([photo(32, 32, s) for s in range(4)])).permute(0, 3, 1, 2)])
     path = tmp_path / f"{name}.safetensors"
     save_model(flow, path, name)
     return load(str(path))

@@ -141,7 +141,7 @@ def test_a_shipped_model_is_named_by_its_hash(tiny):
     im = Image.fromarray(photo(96, 64, seed=6))
     data = idfzip.compress(im, "natural")
     c = Container.from_bytes(data)
-    assert (c.version, c.model_name, c.tile, len(c.tiles)) == (4, "", 0, 1)  # one tile: side 0
+    assert (c.version, c.model_name, c.tile, len(c.tiles)) == (5, "", 0, 1)  # one tile: side 0
     assert idfzip.inspect(data)["model"] == "natural" and idfzip.inspect(data)["tile"] == 96
     assert idfzip.decompress(data).tobytes() == im.tobytes()  # found by its hash
     with pytest.raises(ModelMismatchError, match="a shipped model"):
@@ -208,3 +208,13 @@ def test_corruption_is_an_error_never_wrong_pixels(tiny):
     for bad in [data[:n] for n in (0, 3, 10, len(data) // 2, *range(len(data) - 12, len(data)))] + [data + b"\0"]:
         with pytest.raises(CorruptFileError):
             idfzip.decompress(bad, tiny)
+
+
+def test_a_model_never_calibrated_writes_version_4(tmp_path):
+    """Its networks run in the float64 mode (an older model file, or one saved without calibration); a
+    calibrated model's files are version 5."""
+    raw = make_model(tmp_path, "raw", calibrated=False)
+    assert not raw.flow.integer
+    im = Image.fromarray(photo(96, 72, seed=2))
+    c = Container.from_bytes(roundtrip(im, raw))
+    assert c.tiles and c.version == 4

@@ -98,6 +98,63 @@ def test_exact_is_independent_of_strips_threads_and_batching(monkeypatch):
     assert diff <= 1e-3 * full.abs().max()
 
 
+def calibrated(net: ConvNet, x: torch.Tensor) -> ConvNet:
+    net._observe = []
+    net(x.float())
+    acts, net._observe = net._observe, None
+    net.calibrate([h.transpose(0, 1).flatten(1) for h in acts])
+    net.freeze()
+    return net
+
+
+@pytest.mark.parametrize("hidden", [16, 56])  # 56: 504 terms per sum, fewer weight bits
+def test_integer_mode_is_independent_of_strips_threads_and_batching(monkeypatch, hidden):
+    x = rand_ints(2, 9, 37, 23, lo=-3000, hi=3000)
+    net = calibrated(perturbed(ConvNet(9, 12, hidden=hidden, layers=3), seed=7), x)
+    full = net.exact(x, integer=True)
+    assert not torch.equal(full, net.exact(x))  # another arithmetic than the float64 mode
+    monkeypatch.setattr(nets, "STRIP_BYTES", 8 * 2 * 23 * 16 * 9 * 3)
+    monkeypatch.setattr(nets, "STRIP_POSITIONS", 50)  # the network in strips of 1-2 rows
+    assert torch.equal(full, net.exact(x, integer=True))
+    assert torch.equal(full, torch.cat([net.exact(x[i : i + 1], integer=True) for i in range(2)]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(full, net.exact(x, integer=True))
+    finally:
+        torch.set_num_threads(threads)
+    # 8-bit activations in calibrated units: close to the float32 training path
+    ref = net(x.float()).detach()
+    assert (full.float() - ref).abs().mean() <= 0.02 * ref.abs().mean()
+
+
+def test_integer_products_agree_on_every_kernel():
+    """int8 x int8 -> int32 (CPU) and float32 products of the same values (other devices) are the same exact
+    integers, at the extremes of both factors."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (300, 432), generator=g, dtype=torch.int8)
+    a[:7] = -128
+    hi, lo = (
+        torch.randint(-128, 128, (432, 48), generator=g, dtype=torch.int8),
+        torch.full((432, 48), 127, dtype=torch.int8),
+    )
+    hi[:, :5] = -128
+    ref = a.long() @ (128 * hi.long() + lo.long())
+    assert torch.equal(nets._imm(a, hi, lo).long(), ref)
+    assert torch.equal(nets._imm_float(a, hi, lo).long(), ref)
+
+
+def test_integer_mode_needs_calibration():
+    net = perturbed(ConvNet(3, 4, hidden=8, layers=2), seed=1)
+    assert not net.calibrated
+    with pytest.raises(ValueError, match="calibrated"):
+        net.exact(rand_ints(1, 3, 5, 5), integer=True)
+    flow = HierarchicalIDF(IDFConfig(levels=2, prior_hidden=4))
+    assert not flow.integer
+    flow.calibrate([rand_ints(2, 3, 16, 16, lo=0, hi=256)])
+    assert flow.integer
+
+
 def test_exact_values_lie_on_the_fixed_point_grid():
     net = perturbed(ConvNet(3, 4, hidden=0), seed=2)
     out = net.exact(rand_ints(1, 3, 5, 5))

@@ -33,7 +33,7 @@ def test_golden_files_decode_and_are_reproduced(name):
     source = Image.open(GOLDEN / f"{name}.png")
     data = (GOLDEN / f"{name}.idfz").read_bytes()
     c = Container.from_bytes(data)
-    assert c.version == 4 and c.tiles
+    assert c.version == 5 and c.tiles
     assert idfzip.decompress(data).tobytes() == source.tobytes()
     assert idfzip.compress(source, "natural", **CURRENT[name]) == data
 
@@ -43,6 +43,16 @@ def test_golden_files_cover_adaptation_tiles_and_alpha():
     assert info["rgb"]["adapted_tiles"] == 1
     assert info["tiled"]["tiles"] == 6
     assert info["rgba"]["rest"] is not None and info["rgba"]["mode"] == "RGBA"
+
+
+@pytest.mark.parametrize("name", sorted(CURRENT))
+def test_version_4_files_still_decode(name):
+    """Written by the float64-network build (commit 88ca5f9) with the shipped `natural` model before its
+    calibration: that file's hash names the calibrated model (its ``calibrated_from``), whose float weights
+    are the same, and its networks run in the float64 mode."""
+    data = (GOLDEN / f"{name}_v4.idfz").read_bytes()
+    assert idfzip.inspect(data)["version"] == 4 and idfzip.inspect(data)["model"] == "natural"
+    assert idfzip.decompress(data).tobytes() == Image.open(GOLDEN / f"{name}.png").tobytes()
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])

@@ -148,6 +148,47 @@ class HierarchicalIDF(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def load_weights(self, tensors: dict) -> None:
+        """load_state_dict, where a model never calibrated for the integer mode may lack its act_exp tensors."""
+        missing = set(self.state_dict()) - set(tensors)
+        if any(not k.endswith(".act_exp") for k in missing):
+            raise KeyError(f"missing {min(missing)}")
+        self.load_state_dict(tensors, strict=not missing)
+
+    # ------------------------------------------------------------------ integer mode (nets.py)
+    def _hidden_nets(self) -> list[ConvNet]:
+        return [m for m in self.modules() if isinstance(m, ConvNet) and len(m.convs) > 1]
+
+    @property
+    def integer(self) -> bool:
+        """Whether every network can run in its integer mode (container version 5): all are calibrated."""
+        return all(net.calibrated for net in self._hidden_nets())
+
+    @torch.no_grad()
+    def calibrate(self, batches, samples: int = 1 << 14, seed: int = 0) -> None:
+        """Calibrate every network's integer mode on the float activations of ``batches`` (integer-valued
+        images (B, C, H, W)): up to ``samples`` positions of each hidden layer per network call are kept."""
+        nets = self._hidden_nets()
+        g = torch.Generator().manual_seed(seed)
+        kept = {id(n): [[] for _ in n.convs[:-1]] for n in nets}
+        try:
+            for x in batches:
+                for n in nets:
+                    n._observe = []
+                self(x.float())
+                for n in nets:
+                    layers = len(n.convs) - 1
+                    for i, h in enumerate(n._observe):
+                        h = h.transpose(0, 1).reshape(h.shape[1], -1)
+                        pick = torch.randperm(h.shape[1], generator=g)[:samples]
+                        kept[id(n)][i % layers].append(h[:, pick])
+        finally:
+            for n in nets:
+                n._observe = None
+        for n in nets:
+            n.calibrate([torch.cat(a, 1) for a in kept[id(n)]])
+            n.freeze(n.act_exp.device)
+
     # ------------------------------------------------------------------ training (float32)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Total ideal code length in bits of integer-valued images x (B, C, H, W), differentiable."""
@@ -184,24 +225,25 @@ class HierarchicalIDF(nn.Module):
         B, _, h, w = shape
         return self.top.view(1, -1, 1, 1).expand(B, -1, h, w)
 
-    def color_encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.color.encode(x) if self.color is not None else x
+    # ``integer`` below: the networks in their integer mode (version 5), else in float64 fixed point
+    def color_encode(self, x: torch.Tensor, integer: bool = False) -> torch.Tensor:
+        return self.color.encode(x, integer) if self.color is not None else x
 
-    def color_decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.color.decode(x) if self.color is not None else x
+    def color_decode(self, x: torch.Tensor, integer: bool = False) -> torch.Tensor:
+        return self.color.decode(x, integer) if self.color is not None else x
 
-    def level_encode(self, level: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def level_encode(self, level: int, x: torch.Tensor, integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, h, w) int64 -> kept (B, C, h/2, w/2), z (B, 3C, h/2, w/2)."""
         C = self.config.channels
         x = squeeze(x)
         for perm, coup in zip(self.perms[level], self.couplings[level]):
-            x = coup.encode(perm.encode(x))
+            x = coup.encode(perm.encode(x), integer)
         return x[:, 3 * C :], x[:, : 3 * C]
 
-    def level_decode(self, level: int, kept: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def level_decode(self, level: int, kept: torch.Tensor, z: torch.Tensor, integer: bool = False) -> torch.Tensor:
         y = torch.cat([z, kept], 1)
         for perm, coup in reversed(list(zip(self.perms[level], self.couplings[level]))):
-            y = perm.decode(coup.decode(y))
+            y = perm.decode(coup.decode(y, integer))
         return unsqueeze(y)
 
     def channel_raw(self, raw: torch.Tensor, c: int, prev: torch.Tensor) -> torch.Tensor:
@@ -248,8 +290,14 @@ class HierarchicalIDF(nn.Module):
         return [torch.nonzero(a > 0).flatten(), torch.nonzero(a == 0).flatten()]
 
     def prior_raw(
-        self, level: int, slot: int, ctx: torch.Tensor, zj: torch.Tensor | None = None, group: int = 0
+        self,
+        level: int,
+        slot: int,
+        ctx: torch.Tensor,
+        zj: torch.Tensor | None = None,
+        group: int = 0,
+        integer: bool = False,
     ) -> torch.Tensor:
         """Exact mixture parameters of slot ``slot`` of z_level given ctx = [kept, slots < slot], for pass
         ``group`` (with a checkerboard context the second pass also needs the slot's anchors, ``zj``)."""
-        return self.priors[level][slot].exact(self.slot_input(ctx, zj, group))
+        return self.priors[level][slot].exact(self.slot_input(ctx, zj, group), integer)

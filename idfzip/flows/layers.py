@@ -82,22 +82,24 @@ class Coupling(nn.Module):
             x[:, tgt] = x[:, tgt] + round_ste(t)
         return x
 
-    def _shift(self, net: ConvNet, x: torch.Tensor, src: list[int]) -> torch.Tensor:
-        t = torch.clamp(net.exact(x[:, src]), -T_CLAMP, T_CLAMP)
+    @staticmethod
+    def _shift(net: ConvNet, x: torch.Tensor, src: list[int], integer: bool) -> torch.Tensor:
+        t = torch.clamp(net.exact(x[:, src], integer), -T_CLAMP, T_CLAMP)
         return torch.floor(t + 0.5).long()
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, integer: bool = False) -> torch.Tensor:
+        """``integer``: the networks in their integer mode (nets.py)."""
         x = x.clone()
         for tgt, src, net in zip(self.targets, self.sources, self.nets):
-            x[:, tgt] += self._shift(net, x, src)
+            x[:, tgt] += self._shift(net, x, src, integer)
         return x
 
     @torch.no_grad()
-    def decode(self, y: torch.Tensor) -> torch.Tensor:
+    def decode(self, y: torch.Tensor, integer: bool = False) -> torch.Tensor:
         y = y.clone()
         for tgt, src, net in reversed(list(zip(self.targets, self.sources, self.nets))):
-            y[:, tgt] -= self._shift(net, y, src)
+            y[:, tgt] -= self._shift(net, y, src, integer)
         return y
 
 

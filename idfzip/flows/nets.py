@@ -1,10 +1,23 @@
-"""Small convolutional networks with two evaluation modes.
+"""Small convolutional networks with a training mode and two exact modes.
 
-``forward``  float32, differentiable: used for training only.
-``exact``    float64 fixed point: used whenever bits are coded. This is the one interface through which
-             network arithmetic reaches the coder.
+``forward``               float32, differentiable: used for training only.
+``exact(x, integer=True)``  integer arithmetic (container version 5): used whenever bits are coded with a
+                          calibrated model. This and the next are the one interface through which network
+                          arithmetic reaches the coder.
+``exact(x)``              float64 fixed point (container versions 1-4, and models never calibrated).
 
-Why ``exact`` is bit-exact on every machine, thread count and tile grouping: weights are rounded to
+Why the integer mode is exact on every machine: a calibrated net stores, per hidden channel, a power of two
+2**act_exp (``calibrate``) and its hidden activations are integers 0..ACT_LEVELS in those units, rounded and
+clamped; folding those powers of two into the weights is exact. The first 3x3 layer (integer inputs) runs in
+float64 as below; each further layer's weights are integers below INT_WEIGHT_MAX on a power-of-two grid per
+output channel, split into two int8 halves, and meet the activations (offset by -128 into int8) in int8 x int8
+matrix products with int32 sums (``torch._int_mm``; elsewhere float32 products of the same int8 values, whose
+sums stay below 2**24 and so are exact). Every sum is bounded below 2**31 (checked in ``freeze``), so the
+result is the same integers in any summation order, on any instruction set, thread count or device. The
+element-wise steps (float64 rounding of the first layer, the output's scaling and bias) are single IEEE
+operations, correctly rounded everywhere.
+
+Why the float64 mode is bit-exact on every machine, thread count and tile grouping: weights are rounded to
 multiples of 2**-WEIGHT_FRAC_BITS (2**-LINEAR_FRAC_BITS in the linear branch) with magnitude below
 2**WEIGHT_INT_BITS, inputs are integers (scaled by 2**-IN_SHIFT in the residual branch), and every hidden
 activation is floored to a multiple of 2**-ACT_FRAC_BITS and clamped to +-2**ACT_INT_BITS. Every product
@@ -36,6 +49,17 @@ _MANTISSA = 53
 # convolution in it on sub-strips whose unfolded input (positions x in_channels * k * k) stays near STRIP_BYTES.
 STRIP_POSITIONS = 1 << 15
 STRIP_BYTES = 3 << 23
+# integer mode (container version 5)
+ACT_LEVELS = 255  # hidden activations are integers 0..255 in units of 2**act_exp (per channel)
+ACT_EXP_UNSET = 127  # the act_exp of a net never calibrated
+ACT_EXP_MIN = -12  # the finest activation unit a calibration gives
+CALIBRATION_QUANTILE = 0.999  # of each channel's activations, which is what ACT_LEVELS units cover
+INT_WEIGHT_MAX = 1 << 14  # hidden and output weights: integers in [-2**14, 2**14) on their channel's grid
+# (fewer for layers of more than 432 terms: twice the largest sum, plus the bias, must stay below 2**31)
+FIRST_WEIGHT_BITS = 22  # the first layer's weights: integers below 2**22 on one grid (float64 sums < 2**45)
+MAX_SHIFT = 19  # a hidden layer's grid is at most 2**-19, so its sums stay below 2**31
+OUT_MAX_SHIFT = 24  # the output layer's grid is at most 2**-24, like the linear branch's
+_INT32 = 1 << 31
 
 
 def _quantize_weight(w: torch.Tensor, frac_bits: int = WEIGHT_FRAC_BITS) -> torch.Tensor:
@@ -101,6 +125,80 @@ def _hidden_stack(a: torch.Tensor, hidden: list, w_out: torch.Tensor, b_out: tor
     return out
 
 
+def _weight_limit(terms: int) -> int:
+    """The integer weight bound of a layer summing ``terms`` products (module docstring)."""
+    return min(INT_WEIGHT_MAX, (_INT32 - (256 << MAX_SHIFT)) // (256 * terms))
+
+
+def _int_grid(w: torch.Tensor, max_shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel (dim 0) of float64 weights w: integers q = floor(w * 2**shift + 1/2) with |q| below
+    the layer's weight limit, shift the largest such (at most ``max_shift``); (q, shift as int64)."""
+    limit = _weight_limit(w[0].numel())
+    m = w.abs().flatten(1).amax(1).clamp_min(2.0**-60)
+    shift = torch.floor(torch.log2((limit - 1) / m)).clamp_max(max_shift)
+    # log2 of a quotient may round: step down wherever the rounded weights would still reach the limit
+    while True:
+        q = torch.floor(w * torch.exp2(shift).view(-1, *[1] * (w.dim() - 1)) + 0.5)
+        over = (q.flatten(1).amax(1) >= limit) | (q.flatten(1).amin(1) < -limit)
+        if not bool(over.any()):
+            return q, shift.long()
+        shift = shift - over.double()
+
+
+def _halves(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer weights q in [-2**14, 2**14) as int8 hi, lo with q = 128 hi + lo (lo in 0..127)."""
+    q = q.long()
+    return (q >> 7).to(torch.int8).contiguous(), (q & 127).to(torch.int8).contiguous()
+
+
+def _imm(a: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """a @ (128 hi + lo) for int8 a, hi, lo, as exact int32: int8 products with int32 sums on the CPU; elsewhere
+    float32 products of the same values (|a|, |hi|, |lo| <= 128, at most 2**10 terms: sums below 2**24, exact
+    in any order; TF32 is turned off)."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, hi).mul_(128).add_(torch._int_mm(a, lo))
+    return _imm_float(a, hi, lo)
+
+
+def _imm_float(a: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    prec = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        af = a.float()
+        return (af @ hi.float()).int().mul_(128).add_((af @ lo.float()).int())
+    finally:
+        torch.set_float32_matmul_precision(prec)
+
+
+def _int_stack(a: torch.Tensor, hidden: list, hi: torch.Tensor, lo: torch.Tensor, beta, scale, bias) -> torch.Tensor:
+    """The hidden 3x3 layers and the output layer of the integer mode on first-layer activations ``a`` (B, C,
+    H, W), int8 (activation - 128). Each image lives in a flat buffer of (H + 3) x (W + 2) positions by C
+    channels as in ``_hidden_stack`` (padding: activation 0, stored as -128); a layer gathers the nine shifted
+    row ranges into one (positions, 9 C) int8 matrix, multiplies it by the layer's weight halves, adds beta
+    (bias, the offset's correction, half a unit), shifts right per channel and clamps to 0..255. The output
+    layer gives (sum + beta) * scale + bias in float64 (B, out, H, W)."""
+    B, C, H, W = a.shape
+    Wp = W + 2
+    n = H * Wp
+    out = torch.empty(B, hi.shape[1], H, W, dtype=torch.float64, device=a.device)
+    for i in range(B):
+        src = torch.full(((H + 3) * Wp, C), -128, dtype=torch.int8, device=a.device)
+        src.view(H + 3, Wp, C)[1 : H + 1, 1 : W + 1] = a[i].permute(1, 2, 0)
+        dst = src.clone() if hidden else src
+        cols = torch.empty(n, 9 * C, dtype=torch.int8, device=a.device) if hidden else None
+        for whi, wlo, b, shift in hidden:
+            for k in range(9):
+                off = (k // 3) * Wp + k % 3
+                cols[:, k * C : (k + 1) * C] = src[off : off + n]
+            y = _imm(cols, whi, wlo).add_(b).bitwise_right_shift_(shift).clamp_(0, ACT_LEVELS).sub_(128)
+            y.view(H, Wp, C)[:, W:] = -128
+            dst[Wp + 1 : Wp + 1 + n] = y
+            src, dst = dst, src
+        r = _imm(src[Wp + 1 : Wp + 1 + n].contiguous(), hi, lo).add_(beta).double().mul_(scale).add_(bias)
+        out[i] = r.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
+    return out
+
+
 class ConvNet(nn.Module):
     """t(x) = linear(x) + residual(x), both convolutions over the same input.
 
@@ -138,6 +236,10 @@ class ConvNet(nn.Module):
                 nn.init.zeros_(out.bias)
             convs.append(out)
         self.convs = nn.ModuleList(convs)
+        if hidden > 0:  # the activation unit of each hidden layer's channels (integer mode), set by calibrate
+            self.register_buffer("act_exp", torch.full((layers, hidden), ACT_EXP_UNSET, dtype=torch.int8))
+        self._observe: list | None = None  # calibrate: hidden activations are sampled into it
+        self._int: tuple | None = None  # the integer mode's weights (freeze)
         self._check_ranges()
         self._frozen: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._stack: tuple | None = None  # the residual branch's weights as ``exact`` uses them (``freeze``)
@@ -171,8 +273,37 @@ class ConvNet(nn.Module):
             lim = float(1 << ACT_INT_BITS)
             for conv in self.convs[:-1]:
                 h = torch.clamp(F.relu(conv(h)), max=lim)
+                if self._observe is not None:
+                    self._observe.append(h.detach())
             out = out + self.convs[-1](h)
         return out
+
+    # ---------------------------------------------------------------- calibration (integer mode)
+    @property
+    def calibrated(self) -> bool:
+        """Whether the integer mode can run: every hidden channel has its activation unit."""
+        return not self.convs[:-1] or bool((self.act_exp != ACT_EXP_UNSET).all())
+
+    @torch.no_grad()
+    def calibrate(self, activations: list[torch.Tensor]) -> None:
+        """Set act_exp from samples of each hidden layer's float activations (one (hidden, n) tensor per layer):
+        the unit 2**e of each channel is the smallest power of two with ACT_LEVELS * 2**e at or above the
+        channel's CALIBRATION_QUANTILE, no finer than 2**ACT_EXP_MIN, and coarse enough that the channel's
+        weights fit the integer grid (``freeze``)."""
+        exps = []
+        for i, a in enumerate(activations):
+            q = torch.quantile(a.double(), CALIBRATION_QUANTILE, dim=1)
+            e = torch.ceil(torch.log2(q.clamp_min(2.0**-30) / ACT_LEVELS)).clamp_min(ACT_EXP_MIN)
+            # the channel's weights in its own units (its inputs in theirs) must round below INT_WEIGHT_MAX
+            # at a grid of at least 2**-1 (first layer: any size)
+            if i > 0:
+                w = self.convs[i].weight.detach().double() * torch.exp2(exps[-1]).view(1, -1, 1, 1)
+                limit = _weight_limit(w[0].numel())
+                need = torch.ceil(torch.log2(w.abs().flatten(1).amax(1).clamp_min(1e-300) * 2 / (limit - 1)))
+                e = torch.maximum(e, need)
+            exps.append(e)
+        self.act_exp.copy_(torch.stack(exps).clamp(-100, 100).to(torch.int8))
+        self._int = None
 
     # ---------------------------------------------------------------- coding path (exact float64)
     def freeze(self, device: torch.device | str = "cpu") -> None:
@@ -195,6 +326,53 @@ class ConvNet(nn.Module):
             w, b = frozen[-1]
             last = (w[:, :, 0, 0].t() / s, b)
             self._stack = (first, hidden, last)
+        self._int = self._freeze_int(device) if self.convs and self.calibrated else None
+
+    def _freeze_int(self, device) -> tuple:
+        """The integer mode's weights (module docstring), computed on the CPU in float64 from the float weights
+        (powers of two, floor and comparisons only: the same on every machine), then moved to ``device``.
+        (first, hidden, last): first = the linear branch and first layer as one float64 convolution (weights,
+        bias, number of linear channels) or None without hidden layers; hidden = per 3x3 layer (hi, lo, beta,
+        shift); last = (hi, lo, beta, scale, bias)."""
+        convs = [(c.weight.detach().double().cpu(), c.bias.detach().double().cpu()) for c in self.convs]
+        if len(convs) == 1:
+            return None  # no hidden layers: the float64 mode is the integer mode
+        unit = [torch.exp2(e.double()) for e in self.act_exp.cpu()]  # per layer, per channel
+        # first layer: the activation a = clamp(floor(r + 1/2), 0, 255) of r = conv(x * 2**-IN_SHIFT) / unit
+        w, b = convs[0]
+        w = w * (2.0**-IN_SHIFT / unit[0]).view(-1, 1, 1, 1)
+        b = b / unit[0]
+        m = max(float(w.abs().max()), float(b.abs().max()) * 2.0**-20, 2.0**-60)
+        grid = 2.0 ** (FIRST_WEIGHT_BITS - 1 - math.frexp(m)[1])
+        w0, b0 = torch.floor(w * grid + 0.5) / grid, torch.floor(b * grid + 0.5) / grid + 0.5
+        n_lin = 0
+        if self.linear is not None:
+            lw, lb = self._frozen[0]
+            w0, b0, n_lin = torch.cat([lw.cpu(), w0]), torch.cat([lb.cpu(), b0]), lw.shape[0]
+        first = (w0.to(device), b0.to(device), n_lin)
+        hidden = []
+        for i in range(1, len(convs) - 1):
+            w, b = convs[i]
+            w = w * (unit[i - 1].view(1, -1, 1, 1) / unit[i].view(-1, 1, 1, 1))
+            q, shift = _int_grid(w, MAX_SHIFT)
+            if int(shift.min()) < 1:
+                raise ValueError("a hidden layer's weights do not fit the integer grid: calibrate the model")
+            scale = torch.exp2(shift.double())
+            bound = 128 * q.abs().flatten(1).sum(1)  # the largest |sum of weight * (activation - 128)|
+            beta = torch.floor(b / unit[i] * scale + 0.5) + 128 * q.flatten(1).sum(1) + scale / 2
+            beta = torch.maximum(torch.minimum(beta, bound + 256 * scale), -bound - 1)
+            if float((2 * bound + 256 * scale).max()) >= _INT32:
+                raise ValueError("a hidden layer's integer sums could reach 2**31")
+            hi, lo = _halves(q.permute(2, 3, 1, 0).reshape(-1, q.shape[0]))  # rows (dy, dx, input channel)
+            hidden.append((hi.to(device), lo.to(device), beta.int().to(device), shift.int().to(device)))
+        w, b = convs[-1]
+        w = w[:, :, 0, 0] * unit[-1].view(1, -1)
+        q, shift = _int_grid(w, OUT_MAX_SHIFT)
+        hi, lo = _halves(q.t())
+        beta = (128 * q.sum(1)).int()  # undoes the -128 offset of the activations
+        bias = _quantize_weight(b)
+        last = (hi.to(device), lo.to(device), beta.to(device), torch.exp2(-shift.double()).to(device), bias.to(device))
+        return first, hidden, last
 
     def _exact(self, x: torch.Tensor) -> torch.Tensor:
         frozen = self._frozen
@@ -211,27 +389,40 @@ class ConvNet(nn.Module):
             return out
         return r if out is None else out.add_(r)
 
+    def _exact_int(self, x: torch.Tensor) -> torch.Tensor:
+        (w0, b0, n_lin), hidden, last = self._int
+        x = torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP)
+        r = _conv_strips(x, w0, b0)
+        out = r[:, :n_lin] if n_lin else None
+        a = r[:, n_lin:].floor_().clamp_(0, ACT_LEVELS).sub_(128).to(torch.int8)
+        res = _int_stack(a, hidden, *last)
+        return res if out is None else res.add_(out)
+
     @torch.no_grad()
-    def exact(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact float64 evaluation of integer-valued ``x`` (any float or int dtype), in strips of rows."""
+    def exact(self, x: torch.Tensor, integer: bool = False) -> torch.Tensor:
+        """Exact evaluation of integer-valued ``x`` (any float or int dtype), in strips of rows, as float64: the
+        integer mode (version 5) when ``integer``, else float64 fixed point."""
         if self._frozen is None or self._frozen[0][0].device != x.device:
             self.freeze(x.device)
+        if integer and self._int is None and self.convs[:-1]:
+            raise ValueError("the integer mode needs a calibrated model")
+        fn = self._exact_int if integer and self._int is not None else self._exact
         x = x.double()
         if x.is_cuda:  # cuDNN may pick FFT/Winograd algorithms, which are not exact: use plain GEMM kernels
             with torch.backends.cudnn.flags(enabled=False):
-                return self._exact_strips(x)
-        return self._exact_strips(x)
+                return self._exact_strips(x, fn)
+        return self._exact_strips(x, fn)
 
-    def _exact_strips(self, x: torch.Tensor) -> torch.Tensor:
-        """``_exact`` on strips of rows, each with the rows either side its outputs depend on."""
+    def _exact_strips(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """``fn`` on strips of rows, each with the rows either side its outputs depend on."""
         B, _, H, W = x.shape
         rows = max(1, STRIP_POSITIONS // max(1, B * W))
         if rows >= H:
-            return self._exact(x)
+            return fn(x)
         halo = self.halo
         out = torch.empty(B, self.out_ch, H, W, dtype=torch.float64, device=x.device)
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             a, b = max(0, r0 - halo), min(H, r1 + halo)
-            out[:, :, r0:r1] = self._exact(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
+            out[:, :, r0:r1] = fn(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
         return out
