@@ -420,7 +420,10 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_
 
         if not torch.cuda.is_available():
             raise IdfzipError("--device cuda: no CUDA device is available")
-    bar = tqdm(total=train_cfg.steps, desc="train", unit="step", file=sys.stderr, disable=None, dynamic_ncols=True)
+    helper = os.environ.get("RANK", "0") != "0"  # under torchrun, process 0 alone reports
+    bar = tqdm(
+        total=train_cfg.steps, desc="train", unit="step", file=sys.stderr, disable=helper or None, dynamic_ncols=True
+    )
 
     def progress(step: int, bpd: float) -> None:
         bar.n = step
@@ -445,6 +448,8 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_
         raise IdfzipError(str(e)) from None
     finally:
         bar.close()
+    if helper:
+        return
     if not out.exists():
         raise IdfzipError("training ended before its first validation: no model written")
     m = zoo.load(str(out))

@@ -2,10 +2,16 @@
 
 Loss: the model's ideal code length in bits per sub-pixel (straight-through rounding in the couplings).
 Adamax/Adam with linear warm-up and exponential decay, as in Hoogeboom et al. 2019.
+
+Data parallel: under ``torchrun`` (WORLD_SIZE > 1) every process draws the same global batch of crops from
+the same seed and trains on its own slice of it in DistributedDataParallel (NCCL on GPUs, gloo on CPUs),
+whose gradient average makes each step the single-process step on the whole batch (to float rounding).
+Process 0 alone validates, logs and writes files.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 
 from .flows import HierarchicalIDF, IDFConfig
+from .flows.nets import ConvNet
 from .imagefile import find_images
 from .zoo import save_model
 
@@ -40,6 +47,7 @@ class TrainConfig:
     threads: int = 0
     optimizer: str = "adam"  # "adam" or "adamax" (the IDF paper's)
     ema: float = 0.0  # validate and export an exponential moving average of the weights with this decay (0: off)
+    amp: bool = False  # bfloat16 autocast of the priors' hidden layers (GPUs; validation and export stay float32)
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamax"):
@@ -191,6 +199,37 @@ def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
     return n
 
 
+def _distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device): under torchrun joins the process group (NCCL for CUDA, else gloo) and
+    picks this process's GPU (LOCAL_RANK); otherwise (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _set_amp(model: HierarchicalIDF, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, ConvNet):
+            m.amp = on
+
+
+def _all_true(flag: bool, device: str) -> bool:
+    """Process 0's ``flag`` on every process (a time limit must stop all of them at the same step)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
 def train(
     model_config: IDFConfig,
     train_config: TrainConfig,
@@ -206,10 +245,16 @@ def train(
     """Train and export ``out`` (safetensors), the best validation checkpoint so far, ready for coding.
 
     A checkpoint ``out + '.ckpt'`` (weights, optimiser, step, best validation) is written at each validation;
-    ``resume`` continues from one. ``progress(step, running training bpd)`` is called after every step."""
+    ``resume`` continues from one. ``progress(step, running training bpd)`` is called after every step (the
+    running figure is process 0's slice of the batch under torchrun)."""
     tc = train_config
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    rank, world, device = _distributed(device)
+    if tc.batch % world:
+        raise ValueError(f"batch {tc.batch} does not split over {world} processes")
+    if rank:
+        log, progress = (lambda line: None), None
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     images = load_images(data)
@@ -221,6 +266,15 @@ def train(
     if init_from and not resume:
         log(f"warm start from {init_from}: {warm_start(model, init_from)} tensors copied")
     model.to(device)
+    if device.startswith("cuda"):  # TF32 tensor cores for float32 products (the exported model is exact anyway)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    _set_amp(model, tc.amp)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, broadcast_buffers=False)
+        log(f"data parallel over {world} processes, {tc.batch // world} crops each")
     opt = (torch.optim.Adamax if tc.optimizer == "adamax" else torch.optim.Adam)(model.parameters(), lr=tc.lr)
     step = 0
     best = math.inf
@@ -232,23 +286,24 @@ def train(
             raise ValueError(f"{resume}: the checkpoint's model config differs from this one")
         model.load_weights(state["model"])
         opt.load_state_dict(state["opt"])
-        ema_state = state.get("ema")
+        ema_state = None if rank else state.get("ema")
         step = int(state["step"])
         best = float(state.get("best", math.inf))
         rng = np.random.default_rng(tc.seed + step)
         torch.manual_seed(tc.seed + step)
         log(f"resumed at step {step}")
     log(f"model: {model.num_parameters()} parameters, {json.dumps(model_config.to_dict())}")
-    if tc.ema and ema_state is None:
+    if tc.ema and ema_state is None and not rank:
         ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    per = tc.batch // world
     start = time.time()
     running = None
     while step < tc.steps:
         lr = tc.lr * min(1.0, (step + 1) / tc.warmup) * max(tc.decay ** max(0, step - tc.warmup), tc.min_lr / tc.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = _crops(train_imgs, tc.batch, tc.crop, rng).to(device)
-        loss = model(x) / x.numel()
+        x = _crops(train_imgs, tc.batch, tc.crop, rng)[rank * per : (rank + 1) * per].to(device)
+        loss = net(x) / x.numel()  # DDP averages the gradients over the processes' equal slices
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -261,30 +316,35 @@ def train(
                         ema_state[k].lerp_(v, 1.0 - tc.ema)
         lv = float(loss.detach())
         running = lv if running is None else 0.98 * running + 0.02 * lv
-        done = tc.minutes and (time.time() - start) > tc.minutes * 60
+        done = bool(tc.minutes) and (time.time() - start) > tc.minutes * 60
+        if world > 1 and tc.minutes:
+            done = _all_true(done, device)
         if progress:
             progress(step, running)
         if step % 50 == 0 and not progress:
             log(f"step {step} lr {lr:.2e} train {running:.4f} bpd ({time.time() - start:.0f}s)")
-        if step % tc.val_every == 0 or done or step == tc.steps:
-            # the averaged weights (with ema) are the ones validated and exported
-            current = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema_state else None
+        if (step % tc.val_every == 0 or done or step == tc.steps) and not rank:
+            # a CPU copy (of the averaged weights, with ema) is validated, calibrated and exported
+            snapshot = copy.deepcopy(model)
             if ema_state:
-                model.load_state_dict(ema_state)
-            model.eval()
-            v = evaluate(model.cpu(), val_imgs)
+                snapshot.load_state_dict(ema_state)
+            snapshot = snapshot.cpu().eval()
+            _set_amp(snapshot, False)
+            v = evaluate(snapshot, val_imgs)
             log(f"step {step} validation {v:.4f} bpd" + (" (best)" if v < best else ""))
             best = min(best, v)
             if v == best:
-                calibrate(model, train_imgs, tc.crop, tc.batch, tc.seed)
-                save_model(model, out, name, {"step": str(step), "val_bpd": f"{v:.4f}"})
-            model.to(device).train()
-            if current is not None:
-                model.load_state_dict(current)
+                calibrate(snapshot, train_imgs, tc.crop, tc.batch, tc.seed)
+                save_model(snapshot, out, name, {"step": str(step), "val_bpd": f"{v:.4f}"})
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
             torch.save({**state, "ema": ema_state, "config": model_config.to_dict()}, str(ckpt) + ".tmp")
             os.replace(str(ckpt) + ".tmp", ckpt)  # a run stopped while saving keeps its previous checkpoint
         if done:
             break
-    os.sync()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # process 0's last files are written before any process returns
+    if not rank:
+        os.sync()
     return model

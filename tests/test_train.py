@@ -127,3 +127,53 @@ def test_train_command_errors(tmp_path):
     r = runner.invoke(cli, [*base, "--out", str(tmp_path / "m.pt")])
     assert r.exit_code != 0 and not (tmp_path / "m.pt").exists()
     assert TrainConfig().optimizer == "adam"
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """`idfzip train` under torchrun (2 CPU processes, gloo, 2 crops each) takes the steps of one process on
+    the same global batch of 4: the exported weights agree to float rounding, and they did move."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.fromarray(photo(40, 36, seed=i)).save(data / f"{i}.png")
+    cfg = write_config(tmp_path / "c.json", batch=4, steps=3, val_every=3, ema=0.0, lr=1e-2, threads=1)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    outs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"m{procs}.safetensors"
+        train = ["-m", "idfzip.cli", "train", str(data), "--config", str(cfg), "--out", str(out)]
+        if procs == 1:
+            cmd = [sys.executable, *train]
+        else:
+            run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+            cmd = [sys.executable, *run, *train]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("data parallel over 2 processes" in r.stderr) == (procs == 2), r.stderr[-3000:]
+        outs[procs] = load_file(str(out))
+    init = HierarchicalIDF(IDFConfig.from_dict(TINY)).state_dict()
+    moved = max(float((v - init[k]).abs().max()) for k, v in outs[1].items() if v.is_floating_point())
+    apart = max(float((v - outs[2][k]).abs().max()) for k, v in outs[1].items() if v.is_floating_point())
+    assert moved > 1e-2 and apart < 1e-3 * moved  # Adam turns float noise in a near-zero gradient into steps
+
+
+def test_amp_training_exports_a_float32_calibrated_model(tmp_path):
+    """amp (bfloat16 autocast of the priors' hidden layers) trains; the export is float32, calibrated, codes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).save(data / f"{i}.png")
+    cfg = write_config(tmp_path / "c.json", amp=True, steps=2)
+    out = tmp_path / "amp.safetensors"
+    r = CliRunner().invoke(cli, ["train", str(data), "--config", str(cfg), "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    model = load(str(out))
+    assert all(v.dtype != torch.bfloat16 for v in model.flow.state_dict().values())
+    assert model.flow.integer and not any(getattr(m, "amp", False) for m in model.flow.modules())
+    roundtrip(Image.fromarray(photo(70, 66)), model)

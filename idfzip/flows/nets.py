@@ -239,6 +239,7 @@ class ConvNet(nn.Module):
         if hidden > 0:  # the activation unit of each hidden layer's channels (integer mode), set by calibrate
             self.register_buffer("act_exp", torch.full((layers, hidden), ACT_EXP_UNSET, dtype=torch.int8))
         self._observe: list | None = None  # calibrate: hidden activations are sampled into it
+        self.amp = False  # training: bfloat16 autocast of the layers after the first (``forward``)
         self._int: tuple | None = None  # the integer mode's weights (freeze)
         self._check_ranges()
         self._frozen: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -266,16 +267,21 @@ class ConvNet(nn.Module):
 
     # ---------------------------------------------------------------- training path (float32)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32; with ``amp`` (training only) the layers after the first run under bfloat16 autocast (the
+        linear branch and first layer, which see the integer inputs, stay float32)."""
         x = torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP)
         out = self.linear(x) if self.linear is not None else 0.0
         if self.convs:
             h = x * 2.0**-IN_SHIFT
             lim = float(1 << ACT_INT_BITS)
-            for conv in self.convs[:-1]:
-                h = torch.clamp(F.relu(conv(h)), max=lim)
+            for i, conv in enumerate(self.convs[:-1]):
+                with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp and i > 0):
+                    h = torch.clamp(F.relu(conv(h)), max=lim)
                 if self._observe is not None:
-                    self._observe.append(h.detach())
-            out = out + self.convs[-1](h)
+                    self._observe.append(h.detach().float())
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=self.amp and len(self.convs) > 1):
+                r = self.convs[-1](h)
+            out = out + r.float()
         return out
 
     # ---------------------------------------------------------------- calibration (integer mode)
