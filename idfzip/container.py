@@ -179,10 +179,10 @@ class Container:
             out += write_varint(len(self.rest)) + self.rest
         if self.meta:
             out += write_varint(len(self.meta)) + self.meta
-        if self.tiles and not v1:  # version 2: they come last, the last one running up to the CRC
+        if self.tiles and not v1:  # since version 2 they come last; versions 2-4: the last runs up to the CRC
             for t in self.tiles[:-1]:
                 out += write_varint(len(t)) + t
-            out += self.tiles[-1]
+            out += (write_varint(len(self.tiles[-1])) if self.version >= 5 else b"") + self.tiles[-1]
         out += struct.pack("<I", self.crc32)
         return bytes(out)
 
@@ -244,7 +244,9 @@ class Container:
             c.meta = r.blob()
             if not c.meta:
                 raise CorruptFileError("empty metadata section")
-        if flags & FLAG_FLOW and version != 1:
+        if flags & FLAG_FLOW and version >= 5:  # every tile stream with its length: a cut file is "truncated"
+            c.tiles = [r.blob() for _ in range(n)]
+        elif flags & FLAG_FLOW and version != 1:
             c.tiles = [r.blob() for _ in range(n - 1)]
             c.tiles.append(r.take(r.remaining() - 4))
         (c.crc32,) = struct.unpack("<I", r.take(4))

@@ -13,7 +13,14 @@ def sample(version=3, name="natural", tile=64, adapted=False):
     return c
 
 
-SAMPLES = [sample(), sample(name="", tile=0, adapted=True), sample(version=2), sample(version=1)]
+SAMPLES = [
+    sample(version=5),
+    sample(version=5, name="", tile=0, adapted=True),
+    sample(),
+    sample(name="", tile=0, adapted=True),
+    sample(version=2),
+    sample(version=1),
+]
 
 
 @pytest.mark.parametrize("c", SAMPLES)
@@ -23,9 +30,11 @@ def test_round_trip(c):
 
 def test_header_is_compact():
     c = Container("RGB", 32, 32, model_name="", model_hash=b"abcd", tile=0, tiles=[b"x" * 1412])
-    # magic 3 + version 1 + mode 1 + dims 2 + flags 1 + name length 1 + hash 4 + tile 1 + crc 4; the last
-    # (here the only) tile stream runs up to the CRC
-    assert len(c.to_bytes()) - 1412 == 18 and c.tile_side == 32
+    # magic 3 + version 1 + mode 1 + dims 2 + flags 1 + name length 1 + hash 4 + tile 1 + stream length 2
+    # + crc 4
+    assert len(c.to_bytes()) - 1412 == 20 and c.tile_side == 32
+    c.version = 4  # versions 2-4: the last (here the only) tile stream runs up to the CRC, without a length
+    assert len(c.to_bytes()) - 1412 == 18
     c.version = 1  # a shipped model's name, a tile side and a stream length: 10 more bytes
     c.model_name, c.tile = "cifar10", 1024
     assert len(c.to_bytes()) - 1412 == 28
@@ -50,12 +59,13 @@ def test_other_modes_are_stored_by_name():
 @pytest.mark.parametrize("c", SAMPLES)
 def test_every_truncation_is_an_error(c):
     data = c.to_bytes()
-    # version 2's last tile stream has no length: a cut inside it (or bytes added) gives that stream other
-    # bytes, which its decoder and the CRC refuse (tests/test_codec.py), and nothing else
-    last = len(data) - len(c.tiles[-1]) if c.version >= 2 else len(data)
+    # in versions 2-4 the last tile stream has no length: a cut inside it (or bytes added) gives that stream
+    # other bytes, which its decoder and the CRC refuse (tests/test_codec.py), and nothing else; version 5
+    # (like version 1) refuses every cut as truncated
+    last = len(data) - len(c.tiles[-1]) if 2 <= c.version <= 4 else len(data)
     for n in range(len(data)):
         if n < last:
-            with pytest.raises(CorruptFileError):
+            with pytest.raises(CorruptFileError, match="truncated" if c.version >= 5 and n >= 4 else None):
                 Container.from_bytes(data[:n])
         else:
             assert Container.from_bytes(data[:n]).tiles[-1] != c.tiles[-1]
