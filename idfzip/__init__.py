@@ -8,14 +8,17 @@ Importing the package imports neither torch nor the codec: they load on first us
 idfzip.codec (module ``__getattr__``; ``inspect`` comes from idfzip.container and needs no torch), so
 ``idfzip --help`` starts at once and the command line handles Ctrl-C while torch loads. ``decompress`` and
 ``inspect`` accept bytes-like data only; anything else is a CorruptFileError, never a TypeError (and never
-``bytes(n)``, n zero bytes).
+``bytes(n)``, n zero bytes). Importing it registers the .idfz format with Pillow (``pillow_plugin``).
 """
 
 from __future__ import annotations
 
 import importlib
 
+from . import pillow_plugin
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError, ModelNotFoundError
+
+pillow_plugin.register()  # Image.open("x.idfz") and im.save("x.idfz") (idfzip/pillow_plugin.py)
 
 __version__ = "0.1.0"
 __all__ = [

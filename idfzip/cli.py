@@ -3,7 +3,9 @@
 Importing this module imports neither torch nor the codec (each command imports what it uses), so
 ``idfzip --help`` and ``--version`` start at once, and Ctrl-C while torch loads is the one line
 ``Error: interrupted`` (exit 130) like Ctrl-C anywhere else: no traceback, no partial output. Inputs are read
-only from regular files, and an existing output, a dangling symlink included, is kept unless ``--force``.
+only from regular files or from stdin ('-'), and an existing output, a dangling symlink included, is kept
+unless ``--force``; stdout gets an output only once it is complete, and binary data never goes to a terminal.
+Exit status: 0 all inputs done, 1 some failed (one ``Error:`` line each; the rest go on), 2 usage, 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import click
 from PIL import Image
 
 from . import registry
-from .container import REST_METHODS, inspect
+from .container import MAGIC, REST_METHODS, Container, inspect
 from .errors import IdfzipError
-from .imagefile import open_image, read_input
+from .imagefile import IMAGE_SUFFIXES, MAX_INPUT_BYTES, decode_image, read_input
 
 DEFAULT_TILE = 1024  # = codec.DEFAULT_TILE, which needs torch to import; a test checks they agree
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
@@ -42,9 +44,36 @@ class Failure(Exception):
     """One input failed; the message is printed as ``Error: ...`` and the next input goes on."""
 
 
-def _progress(total: int, desc: str):
+PROGRESS_PERIOD = 10.0  # seconds between plain progress lines (stderr not a terminal, -v)
+
+
+class _Lines:
+    """Progress as a plain line on stderr every PROGRESS_PERIOD seconds, for logs (stderr not a terminal)."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done = max(total, 1), desc, 0.0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: float) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_PERIOD:
+            self.last = now
+            click.echo(f"{self.desc}: {100 * self.done / self.total:.0f}% ({now - self.start:.0f} s)", err=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, verbose: bool = False):
+    """A bar on a terminal; elsewhere, with ``verbose``, periodic plain lines; else nothing."""
     from tqdm import tqdm
 
+    if not sys.stderr.isatty() and verbose:
+        return _Lines(total, desc)
     return tqdm(
         total=total,
         desc=desc,
@@ -54,6 +83,12 @@ def _progress(total: int, desc: str):
         disable=not sys.stderr.isatty(),
         file=sys.stderr,
     )
+
+
+def _label(pairs) -> dict[Path, str]:
+    """Progress labels: the input's name, with its place among several ("[2/5] b.png")."""
+    n = len(pairs)
+    return {src: (f"[{i}/{n}] " if n > 1 else "") + _name(src) for i, (src, _) in enumerate(pairs, 1)}
 
 
 def _umask() -> int:
@@ -84,20 +119,82 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _targets(inputs: tuple[str, ...], output: str | None, out_dir: str | None, suffix) -> list[tuple[Path, Path]]:
-    if output and len(inputs) != 1:
-        raise click.UsageError("-o/--output needs exactly one input; use --out-dir for several")
+STDIO = Path("-")  # an input read from stdin, an output written to stdout
+
+
+def _expand(inputs: tuple[str, ...], recursive: bool, suffixes: set[str]) -> list[str]:
+    """The inputs, with each folder replaced by the files under it whose suffix is in ``suffixes`` (sorted)
+    when ``recursive``; without it a folder stays, to be reported as one."""
+    out = []
+    for i in inputs:
+        if recursive and i != "-" and os.path.isdir(i):
+            found = sorted(p for p in Path(i).rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+            if not found:
+                raise click.UsageError(f"{i}: no {' or '.join(sorted(suffixes))} files in this folder")
+            out += [str(p) for p in found]
+        else:
+            out.append(i)
+    return out
+
+
+def _targets(
+    inputs: list[str], output: str | None, out_dir: str | None, stdout: bool, suffix
+) -> list[tuple[Path, Path]]:
+    """(input, output) pairs; STDIO for stdin and stdout. stdin goes to stdout unless -o names a file."""
     if output and out_dir:
         raise click.UsageError("give -o/--output or --out-dir, not both")
+    if stdout and (out_dir or (output and output != "-")):
+        raise click.UsageError("-c/--stdout writes to stdout: it takes neither -o FILE nor --out-dir")
+    if (output or stdout) and len(inputs) != 1:
+        raise click.UsageError("-o/--output and -c/--stdout need exactly one input; use --out-dir for several")
+    if inputs.count("-") > 1:
+        raise click.UsageError("stdin ('-') can be read only once")
     pairs = []
     for i in inputs:
         src = Path(i)
-        if output:
+        if stdout or output == "-" or (i == "-" and not output):
+            if i == "-" and out_dir:
+                raise click.UsageError("stdin has no name to put in --out-dir: use -o FILE")
+            dst = STDIO
+        elif output:
             dst = Path(output)
         else:
             dst = (Path(out_dir) if out_dir else src.parent) / (src.stem + suffix(src))
         pairs.append((src, dst))
     return pairs
+
+
+def _read(src: Path) -> bytes:
+    """The bytes of an input file, or of stdin for '-'; InputFileError / OSError as ``read_input``."""
+    if src != STDIO:
+        try:
+            return read_input(src)
+        except FileNotFoundError:
+            raise Failure(f"{src}: no such file") from None
+    data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise Failure(f"stdin: more than any input idfzip can use ({MAX_INPUT_BYTES} bytes)")
+    return data
+
+
+def _write(dst: Path, data: bytes, force: bool) -> None:
+    """All of ``data`` to the file ``dst`` (atomically) or to stdout; never binary data onto a terminal."""
+    if dst != STDIO:
+        _atomic_write(dst, lambda f: f.write(data))
+        return
+    if sys.stdout.isatty() and not force:
+        raise Failure("stdout is a terminal: redirect it, or give -o FILE (--force writes anyway)")
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _name(p: Path, output: bool = False) -> str:
+    return ("stdout" if output else "stdin") if p == STDIO else str(p)
+
+
+def _remove_input(src: Path, rm: bool) -> None:
+    if rm and src != STDIO:
+        os.unlink(src)
 
 
 def _encode_for(im: Image.Image, fmt: str) -> bytes | None:
@@ -112,17 +209,55 @@ def _encode_for(im: Image.Image, fmt: str) -> bytes | None:
         if key in im.info and fmt in ("PNG", "TIFF", "WEBP"):
             params[key] = im.info[key]
     buf = io.BytesIO()
-    try:
-        im.save(buf, **params)
-        with Image.open(io.BytesIO(buf.getvalue())) as back:
-            back.load()
-            return buf.getvalue() if same_image(back, im) else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    tries = [lambda: im.save(buf, **params)]
+    if fmt == "PNG" and im.mode == "P":
+        tries.append(lambda: buf.write(_indexed_png(im)))
+    for write in tries:
+        buf.seek(0)
+        buf.truncate()
+        try:
+            write()
+            with Image.open(io.BytesIO(buf.getvalue())) as back:
+                back.load()
+                if same_image(back, im):
+                    return buf.getvalue()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+    return None
 
 
-def _save_image(im: Image.Image, path: Path) -> None:
-    fmt = LOSSLESS_SUFFIXES.get(path.suffix.lower())
+def _indexed_png(im: Image.Image) -> bytes:
+    """A P image as an 8-bit indexed PNG with its palette as it is: Pillow's writer cuts the index depth to
+    the palette's size (or pads the palette), which changes an image whose indices reach past its palette
+    (Pillow reads such files). Transparency goes in tRNS; no other chunks."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pal = bytes(im.getpalette("RGB") or b"")
+    if not 3 <= len(pal) <= 768:
+        raise ValueError("no palette for a PLTE chunk")
+    w, h = im.size
+    raw = im.tobytes()
+    rows = b"".join(b"\0" + raw[y * w : (y + 1) * w] for y in range(h))
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0)) + chunk(b"PLTE", pal)
+    t = im.info.get("transparency")
+    if isinstance(t, int):
+        out += chunk(b"tRNS", b"\xff" * t + b"\0")
+    elif isinstance(t, bytes):
+        out += chunk(b"tRNS", t)
+    return out + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+
+
+def _image_bytes(im: Image.Image, path: Path) -> bytes:
+    """The image as a file of the format ``path``'s suffix names (stdout: PNG, or TIFF for modes PNG lacks),
+    checked to read back as the same image; else a Failure that names what the format cannot hold."""
+    if path == STDIO:
+        fmt = "PNG" if im.mode in PNG_MODES else "TIFF"
+    else:
+        fmt = LOSSLESS_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise Failure(
             f"{path}: unsupported output format {path.suffix!r} (lossless formats: "
@@ -132,12 +267,22 @@ def _save_image(im: Image.Image, path: Path) -> None:
     if data is None:
         others = [s for s, f in ((".png", "PNG"), (".tif", "TIFF")) if f != fmt and _encode_for(im, f) is not None]
         hint = f"use {others[0]}" if others else "no image file format here holds it; use idfzip.decompress in Python"
-        raise Failure(f"{path}: a {fmt} file cannot hold this {im.mode} image exactly ({hint})")
-    _atomic_write(path, lambda f: f.write(data))
+        what = f"this {im.mode} image"
+        for key, name in (("exif", "EXIF"), ("icc_profile", "ICC profile"), ("transparency", "transparency")):
+            if key in im.info:  # is that what the format cannot keep?
+                bare = im.copy()
+                bare.info = {k: v for k, v in im.info.items() if k != key}
+                if _encode_for(bare, fmt) is not None:
+                    what = f"this {im.mode} image's {name}"
+                    break
+        raise Failure(f"{_name(path, True)}: a {fmt} file cannot hold {what} exactly ({hint})")
+    return data
 
 
-def _check_target(dst: Path, force: bool, src: Path) -> None:
-    if dst.resolve() == src.resolve():
+def _check_target(dst: Path | None, force: bool, src: Path) -> None:
+    if dst is None or dst == STDIO:
+        return
+    if src != STDIO and dst.resolve() == src.resolve():
         raise Failure(f"{dst}: output would overwrite the input")
     if os.path.lexists(dst) and not force:  # a dangling symlink too: writing would replace it
         raise Failure(f"{dst}: already exists (use --force to overwrite)")
@@ -155,11 +300,11 @@ def _run_each(pairs, fn) -> None:
                 outputs.add(key)
             fn(src, dst)
         except (Failure, IdfzipError) as e:
-            msg = str(e)
-            click.echo(f"Error: {msg if msg.startswith(str(src)) else f'{src}: {msg}'}", err=True)
+            msg, name = str(e), _name(src)
+            click.echo(f"Error: {msg if msg.startswith(name) else f'{name}: {msg}'}", err=True)
             failed += 1
         except OSError as e:
-            click.echo(f"Error: {e.filename or src}: {e.strerror or e}", err=True)
+            click.echo(f"Error: {e.filename or _name(src)}: {e.strerror or e}", err=True)
             failed += 1
     if failed:
         sys.exit(1)
@@ -228,17 +373,35 @@ def cli(ctx):
     ctx.obj.setdefault("device", "cpu")
 
 
-def _model(ctx):
-    from . import zoo
+_FILE_OPTIONS = (
+    click.option("-o", "--output", help="Output file, '-' for stdout (one input only)."),
+    click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder."),
+    click.option("-c", "--stdout", "to_stdout", is_flag=True, help="Write to stdout (one input only)."),
+    click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs (and write onto a terminal)."),
+    click.option("-k", "--keep", is_flag=True, help="Keep the input files (the default)."),
+    click.option("--rm", is_flag=True, help="Remove each input once its output is written."),
+    click.option("-r", "--recursive", is_flag=True, help="Go into folders given as inputs."),
+    click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+)
 
-    return zoo.with_device(zoo.load(ctx.obj["model"]), ctx.obj["device"])
+
+def _file_options(f):
+    """The options compress and decompress share: outputs, stdin/stdout, keeping inputs, folders, quiet."""
+    for option in reversed(_FILE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _check_rm(keep: bool, rm: bool, pairs) -> None:
+    if keep and rm:
+        raise click.UsageError("give -k/--keep or --rm, not both")
+    if rm and any(dst == STDIO for _, dst in pairs):
+        raise click.UsageError("--rm needs output files (not stdout)")
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input only).")
-@click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
+@click.argument("inputs", nargs=-1, required=True)
+@_file_options
 @click.option(
     "--tile",
     type=click.IntRange(1, 1 << 14),
@@ -247,36 +410,41 @@ def _model(ctx):
     help="Tile side in pixels (a multiple of the model's 2**levels).",
 )
 @click.option("--verify", is_flag=True, help="Decode the result and confirm it is identical before writing it.")
-@click.option("-v", "--verbose", is_flag=True, help="Print size, bits per sub-pixel, model NLL and time.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print the coding method, model NLL and time.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
-    """Compress images to .idfz (INPUT.png -> INPUT.idfz)."""
-    state = {"model": None}
+def compress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, tile, verify, verbose):
+    """Compress images to .idfz (INPUT.png -> INPUT.idfz; '-': stdin to stdout)."""
+    pairs = _targets(_expand(inputs, recursive, IMAGE_SUFFIXES), output, out_dir, to_stdout, lambda s: ".idfz")
+    _check_rm(keep, rm, pairs)
+    labels = _label(pairs)
 
     def one(src: Path, dst: Path) -> None:
+        data = _read(src)
+        if data.startswith(MAGIC):
+            raise Failure(f"{_name(src)}: already an .idfz file (decompress it)")
         _check_target(dst, force, src)
-        im = open_image(src)
+        im = decode_image(data, _name(src))
         from . import codec  # after the checks: a bad input is refused without waiting for torch
         from .planes import same_image
 
-        if im.mode in ("RGB", "RGBA") and state["model"] is None:
-            state["model"] = _model(ctx)
         t0 = time.perf_counter()
-        with _progress(im.width * im.height, src.name) as bar:
-            data, st = codec.compress_with_stats(
-                im, state["model"], tile=tile, device=ctx.obj["device"], progress=bar.update
+        with _progress(im.width * im.height, labels[src], verbose) as bar:
+            out, st = codec.compress_with_stats(
+                im, ctx.obj["model"], tile=tile, device=ctx.obj["device"], progress=bar.update
             )
         dt = time.perf_counter() - t0
         if verify:
-            back = codec.decompress(data, state["model"], device=ctx.obj["device"])
+            back = codec.decompress(out, ctx.obj["model"], device=ctx.obj["device"])
             if not same_image(back, im):
-                raise Failure(f"{src}: verification failed: the decoded image differs (please report this)")
-        _atomic_write(dst, lambda f: f.write(data))
+                raise Failure(f"{_name(src)}: verification failed: the decoded image differs (please report this)")
+        _write(dst, out, force)
+        _remove_input(src, rm)
         if quiet:
             return
-        line = f"{src} -> {dst}: {im.width}x{im.height} {im.mode}, {st.bytes} bytes, {st.bpd:.3f} bpd"
+        line = (
+            f"{_name(src)} -> {_name(dst, True)}: {im.width}x{im.height} {im.mode}, {st.bytes} bytes, {st.bpd:.3f} bpd"
+        )
         if verbose:
             line += f", {st.method}"
             if st.flow_bytes:
@@ -284,9 +452,14 @@ def compress(ctx, inputs, output, out_dir, force, tile, verify, verbose, quiet):
             line += f", {dt:.2f} s"
         if verify:
             line += ", verified identical"
+        if im.format == "JPEG":  # the pixels of a lossy file, kept exactly, are larger than the file was
+            line += (
+                f" (JPEG input: its decoded pixels are stored losslessly, {st.bytes / len(data):.1f}x the JPEG's "
+                f"{len(data)} bytes)"
+            )
         click.echo(line, err=True)
 
-    _run_each(_targets(inputs, output, out_dir, lambda s: ".idfz"), one)
+    _run_each(pairs, one)
 
 
 def _default_suffix(src: Path) -> str:
@@ -298,54 +471,103 @@ def _default_suffix(src: Path) -> str:
     return ".png" if mode in PNG_MODES else ".tif"
 
 
+def _idfz(data: bytes, src: Path) -> None:
+    if not data.startswith(MAGIC):
+        raise Failure(f"{_name(src)}: not an .idfz file" + (" (compress it?)" if _looks_like_image(data) else ""))
+
+
+def _looks_like_image(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@_file_options
+@click.option("-t", "--test", is_flag=True, help="Decode and check each file; write nothing.")
 @click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Output image (one input only); format from the suffix: .png .tif .bmp .webp .ppm.",
+    "--preview",
+    type=click.IntRange(1, 16),
+    default=None,
+    metavar="K",
+    help="A quick look 2**K times smaller per side (INPUT.preview-K.png), from the coarse levels only; "
+    "approximate (see README).",
 )
-@click.option("--out-dir", type=click.Path(file_okay=False), help="Write outputs into this folder.")
-@click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs.")
-@click.option("-v", "--verbose", is_flag=True, help="Print what was decoded and the time taken.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print the time taken.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def decompress(ctx, inputs, output, out_dir, force, verbose):
-    """Decompress .idfz files back to the identical image (INPUT.idfz -> INPUT.png)."""
+def decompress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, test, preview, verbose):
+    """Decompress .idfz files back to the identical image (INPUT.idfz -> INPUT.png; '-': stdin to stdout).
+    The output's format follows its suffix: .png .tif .bmp .webp .ppm (stdout: PNG, or TIFF for modes PNG
+    cannot hold)."""
+    found = _expand(inputs, recursive, {".idfz"})
+    if preview and (test or rm):
+        raise click.UsageError("--preview writes a picture of each file: it takes neither -t nor --rm")
+    if test:
+        if output or out_dir or to_stdout or rm:
+            raise click.UsageError("-t/--test writes nothing: it takes no -o, --out-dir, -c or --rm")
+        pairs = [(Path(i), None) for i in found]
+    elif preview:
+        pairs = _targets(found, output, out_dir, to_stdout, lambda s: f".preview-{preview}.png")
+    else:
+        pairs = _targets(found, output, out_dir, to_stdout, _default_suffix)
+    _check_rm(keep, rm, pairs)
+    labels = _label(pairs)
 
-    def one(src: Path, dst: Path) -> None:
+    def one(src: Path, dst: Path | None) -> None:
+        data = _read(src)
+        _idfz(data, src)
         _check_target(dst, force, src)
-        data = read_input(src)
-        from . import codec, zoo
+        from . import codec
 
         info = inspect(data)
-        model = None
-        if info["model"] is not None:
-            m = zoo.load(ctx.obj["model"]) if ctx.obj["model"] else zoo.load_shipped(info["model"])
-            model = zoo.with_device(m, ctx.obj["device"])
         t0 = time.perf_counter()
-        with _progress(info["width"] * info["height"], src.name) as bar:
-            im = codec.decompress(data, model, device=ctx.obj["device"], progress=bar.update)
+        with _progress(info["width"] * info["height"], labels[src], verbose) as bar:
+            im = codec.decompress(
+                data, ctx.obj["model"], device=ctx.obj["device"], progress=bar.update, preview=preview or 0
+            )
         dt = time.perf_counter() - t0
-        _save_image(im, dst)
-        if verbose:
-            click.echo(f"{src} -> {dst}: {im.width}x{im.height} {im.mode}, {dt:.2f} s", err=True)
+        if dst is not None:
+            _write(dst, _image_bytes(im, dst), force)
+            _remove_input(src, rm)
+        if quiet:
+            return
+        line = f"{_name(src)}: OK" if dst is None else f"{_name(src)} -> {_name(dst, True)}"
+        line += f", {im.width}x{im.height} {im.mode}" + (f", {dt:.2f} s" if verbose else "")
+        click.echo(line, err=True)
 
-    _run_each(_targets(inputs, output, out_dir, _default_suffix), one)
+    _run_each(pairs, one)
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def info(inputs):
-    """Show what an .idfz file holds: size, mode, model, tiles, bytes, bits per sub-pixel."""
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file, one per line.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing: only check the structure (exit status).")
+def info(inputs, as_json, quiet):
+    """Check the structure of .idfz files and show what each holds: size, mode, model, tiles, bytes, bits per
+    sub-pixel. A truncated or corrupt file is an error (exit status 1); `decompress -t` also decodes."""
+    import json
+
+    from .planes import meta_parts
+
+    shown = [0]
 
     def one(src: Path, _dst) -> None:
-        data = read_input(src)
-        d = inspect(data)
+        data = _read(src)
+        _idfz(data, src)
+        d = inspect(data)  # every declared length checked against the bytes present (docs/FORMAT.md)
+        d["metadata"] = meta_parts(Container.from_bytes(data).meta)
+        if quiet:
+            return
+        if as_json:
+            click.echo(json.dumps({"file": _name(src), **d}))
+            return
         rest = d["rest"]
         lines = [
-            f"file:        {src}",
+            f"file:        {_name(src)}",
             f"format:      .idfz version {d['version']}"
             + ("" if d["version"] >= 4 else " (float coding tables: decodes on the kind of machine that wrote it)"),
             f"image:       {d['width']}x{d['height']} {d['mode']}",
@@ -362,9 +584,10 @@ def info(inputs):
         if rest:
             lines.append(f"other data:  {rest['bytes']} bytes ({REST_METHODS[rest['method']]})")
         if d["meta_bytes"]:
-            lines.append(f"metadata:    {d['meta_bytes']} bytes (palette, transparency, ICC, EXIF)")
+            lines.append(f"metadata:    {d['meta_bytes']} bytes ({', '.join(d['metadata'])})")
         lines.append(f"crc32:       {d['crc32']}")
-        click.echo("\n".join(lines))
+        click.echo(("\n" if shown[0] else "") + "\n".join(lines))
+        shown[0] += 1
 
     _run_each([(Path(i), None) for i in inputs], one)
 
@@ -387,11 +610,12 @@ def info(inputs):
 )
 @click.option("--steps", type=click.IntRange(1), default=None, help="Override the config's step count.")
 @click.option("--minutes", type=click.FloatRange(0), default=None, help="Stop after this many minutes.")
+@click.option("--val-images", type=click.IntRange(1), default=None, help="Override the config's held-out image count.")
 @click.option("--device", "train_device", type=click.Choice(["cpu", "cuda"]), default=None, help="Train here.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing OUT.")
 @_shared("threads")
 @click.pass_context
-def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_device, force):
+def train(ctx, data, config_path, out, resume, init_from, steps, minutes, val_images, train_device, force):
     """Train a model on DATA (folders, images or zips of images) and write OUT, usable at once with --model."""
     import dataclasses
 
@@ -411,7 +635,8 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_
         raise IdfzipError(f"no checkpoint {ckpt} to resume from")
     try:
         model_cfg, train_cfg = training.load_config(config_path)
-        over = {k: v for k, v in (("steps", steps), ("minutes", minutes)) if v is not None}
+        over = {"steps": steps, "minutes": minutes, "val_images": val_images}
+        over = {k: v for k, v in over.items() if v is not None}
         train_cfg = dataclasses.replace(train_cfg, **over)
     except ValueError as e:
         raise IdfzipError(str(e)) from None
@@ -425,10 +650,11 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, train_
         total=train_cfg.steps, desc="train", unit="step", file=sys.stderr, disable=helper or None, dynamic_ncols=True
     )
 
-    def progress(step: int, bpd: float) -> None:
+    def progress(step: int, bpd: float | None) -> None:
         bar.n = step
-        bar.set_postfix_str(f"{bpd:.4f} bpd", refresh=False)
-        if step % 10 == 0:
+        if bpd is not None:
+            bar.set_postfix_str(f"{bpd:.4f} bpd", refresh=False)
+        if step % 10 == 0 or bpd is None:
             bar.refresh()
 
     try:
@@ -516,11 +742,18 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process):
 
 @cli.command("models")
 def models_cmd():
-    """List the shipped models."""
+    """List the shipped models (* the default) and what each is for."""
+    rows = [("model", "sha256", "parameters", "for", "file")]
     for name in registry.available():
         path = registry.shipped(name)
         d = registry.describe(path)
-        click.echo(f"{name}\t{d['sha256'][:16]}\t{d['parameters']} parameters\t{path}")
+        mark = "*" if name == registry.DEFAULT_MODEL else ""
+        use = registry.PURPOSES.get(name, "")
+        rows.append((name + mark, d["sha256"][:16], f"{d['parameters']:,}", use, str(path)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    click.echo("* the default; another with --model NAME (or a .safetensors file: --model PATH)")
 
 
 def _interrupted() -> None:

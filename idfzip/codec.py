@@ -22,11 +22,14 @@ from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Contain
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
 from .priors import FloatMixture, IntMixture
-from .zoo import Model, is_shipped, load, load_by_hash, load_shipped
+from .zoo import Model, is_shipped, load, load_by_hash, load_shipped, with_device
 
 DEFAULT_TILE = 1024
 SMALL_IMAGE = 64 * 64  # RGB images up to this many pixels also try the classical coding and keep the smaller
 THIN = 16  # so do images narrower or shorter than this: padding to the model's multiple wastes most of the work
+
+
+Progress = Callable[[float], None] | None  # called with the pixels done since the last call (fractions too)
 
 
 @dataclass
@@ -198,26 +201,46 @@ class _Tile:
 
 @torch.no_grad()
 def _encode_tile(
-    model: Model, rgb: np.ndarray, device: str, version: int, fit: bool = True
+    model: Model, rgb: np.ndarray, device: str, version: int, fit: bool = True, progress: Progress = None
 ) -> tuple[adapt.Params, bytes, float]:
-    """(adaptation parameters, entropy-coded stream, its ideal length in bits). ``fit``: fit the adaptation."""
+    """(adaptation parameters, entropy-coded stream, its ideal length in bits). ``fit``: fit the adaptation.
+    ``progress`` gets the tile's pixels in shares, segment by segment."""
     flow = model.flow
     m = flow.multiple
-    tile = _Tile(flow, -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m, device, version, {})
+    H, W = -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m
+    tile = _Tile(flow, H, W, device, version, {})
     tile.encode(rgb)
     enc = Encoder()
     fitted = set()
+    share = rgb.shape[0] * rgb.shape[1] / _symbols(flow, H, W)
     for seg in reversed(schedule(flow)):
         if fit and seg.level < flow.config.levels and (seg.level, seg.slot) not in fitted:
             fitted.add((seg.level, seg.slot))
             tile.fit(seg.level, seg.slot)
-        enc.push(tile.symbols(seg), tile.mixture(seg))
+        z = tile.symbols(seg)
+        enc.push(z, tile.mixture(seg))
+        if progress:
+            progress(z.numel() * share)
     return tile.params, enc.finish(), enc.bits
 
 
 @torch.no_grad()
-def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str, adapted: bool, version: int) -> np.ndarray:
-    """One tile's pixels from its stream; ``adapted``: the stream starts with an adaptation block."""
+def _decode_tile(
+    model: Model,
+    data: bytes,
+    w: int,
+    h: int,
+    device: str,
+    adapted: bool,
+    version: int,
+    progress: Progress = None,
+    preview: int = 0,
+) -> np.ndarray:
+    """One tile's pixels from its stream; ``adapted``: the stream starts with an adaptation block. ``progress``
+    gets the tile's pixels in shares, segment by segment. ``preview`` K > 0: decode only the segments of levels
+    K and coarser, give the finer levels' latents their likeliest values (each symbol's window centre, from the
+    priors, without decoding), invert the flow and return the image box-averaged to 1/2**K scale (ceil(h /
+    2**K) x ceil(w / 2**K); approximate, unchecked)."""
     flow = model.flow
     m = flow.multiple
     H, W = -(-h // m) * m, -(-w // m) * m
@@ -230,8 +253,16 @@ def _decode_tile(model: Model, data: bytes, w: int, h: int, device: str, adapted
         raise CorruptFileError("entropy-coded stream is too short for its tile")
     dec = Decoder(data, portable)
     tile = _Tile(flow, H, W, device, version, params)
+    share = w * h / _symbols(flow, H, W)
     for seg in schedule(flow):
-        tile.store(seg, dec.pop(tile.mixture(seg)))
+        mix = tile.mixture(seg)
+        # a preview gives the finer levels their likeliest values (each symbol's window centre), not decoded
+        tile.store(seg, mix.windows()[0] if seg.level < preview else dec.pop(mix))
+        if progress:
+            progress(len(mix) * share)
+    if preview:
+        x = tile.pixels().clamp(0, 255).cpu()[0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
+        return np.asarray(Image.fromarray(x, "RGB").reduce(1 << preview))
     x = tile.pixels().cpu()
     dec.check_end()
     if int(x.min()) < 0 or int(x.max()) > 255:
@@ -246,17 +277,15 @@ def _encode_rgb(
     device: str,
     version: int,
     fit: bool,
-    progress: Callable[[int], None] | None,
+    progress: Progress,
 ) -> tuple[list[bytes], bool, float]:
     """(tile streams, whether they start with adaptation blocks, ideal code length in bits)."""
     h, w = rgb.shape[:2]
     coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
-        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, fit)
+        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, fit, progress)
         coded.append((params, s))
         bits += b
-        if progress:
-            progress(tw * th)
     # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
     adapted = any(params for params, _ in coded)
     C = model.flow.config.channels
@@ -268,7 +297,7 @@ def compress_with_stats(
     model: str | Model | None = None,
     tile: int = DEFAULT_TILE,
     device: str = "cpu",
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = None,
     adaptive: bool = True,
 ) -> tuple[bytes, Stats]:
     """Compress ``image`` (PIL image or numpy array); return the .idfz bytes and what was measured.
@@ -294,8 +323,12 @@ def compress_with_stats(
     if rgb is not None and (flat or im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN):
         classical = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
         classical.rest_method, classical.rest = encode_rest(im)
-    if rgb is not None and not flat:
-        mdl = mdl or load(model)
+    # a flow-coded file holds at least its header with a shipped model's hash and one 4-byte word of stream:
+    # where the classical coding is no larger, the model is not even loaded
+    floor = Container(im.mode, im.width, im.height, model_name="", model_hash=bytes(MODEL_HASH_BYTES), meta=c.meta)
+    floor.tiles = [bytes(4)] * (floor.tiles_x * floor.tiles_y)
+    if rgb is not None and not flat and not (classical and len(classical.to_bytes()) <= len(floor.to_bytes())):
+        mdl = mdl or with_device(load(model), device)
         m = mdl.flow.multiple
         if tile < m or tile % m:
             raise IdfzipError(f"tile size must be a positive multiple of {m} for model {mdl.name}")
@@ -327,34 +360,25 @@ def compress(image, model: str | Model | None = None, tile: int = DEFAULT_TILE, 
 
 
 def decompress(
-    data: bytes, model: str | Model | None = None, device: str = "cpu", progress: Callable[[int], None] | None = None
+    data: bytes, model: str | Model | None = None, device: str = "cpu", progress: Progress = None, preview: int = 0
 ) -> Image.Image:
     """Decode .idfz bytes to a PIL image (identical pixels, mode, size, palette). ``model`` defaults to the one
-    named in the file. CorruptFileError for anything that is not an intact .idfz file."""
+    named in the file. CorruptFileError for anything that is not an intact .idfz file.
+
+    ``preview`` K (1 .. the model's levels): instead, a quick look 2**K times smaller per side (ceil(width /
+    2**K) x ceil(height / 2**K)): of a flow-coded image only the latents of levels K and coarser are decoded,
+    the finer ones take the priors' likeliest values, and the inverted flow's output is box-averaged (mode RGB,
+    or RGBA with the alpha plane box-averaged); other images are decoded whole, converted to RGB(A) or L and
+    box-averaged. Not exact and not checked against the CRC: a picture of the image, not the image."""
     c = Container.from_bytes(data)
+    if preview:
+        return _preview(c, model, device, progress, preview)
     rgb = rest = None
     if c.tiles:
-        if isinstance(model, Model):
-            mdl = model
-        elif model:
-            mdl = load(model)
-        else:
-            mdl = load_shipped(c.model_name) if c.model_name else load_by_hash(c.model_hash)
-        if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
-            written = repr(c.model_name) if c.model_name else "a shipped model"
-            raise ModelMismatchError(
-                f"file was written with model {written} ({c.model_hash.hex()}), "
-                f"available model {mdl.name!r} is {mdl.sha256[:MODEL_HASH_BYTES].hex()}"
-            )
-        if c.tile % mdl.flow.multiple:
-            raise CorruptFileError(f"tile size {c.tile} does not suit model {mdl.name}")
-        if c.mode not in ("RGB", "RGBA"):
-            raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
+        mdl = _model_for(c, model, device)
         rgb = np.empty((c.height, c.width, 3), dtype=np.uint8)
         for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
-            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version)
-            if progress:
-                progress(tw * th)
+            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress)
     if c.rest is not None:
         rmode = rest_mode(c.mode) if c.tiles or c.mode in ("P", "PA") else c.mode
         rest = decode_rest(c.rest_method, c.rest, rmode, (c.width, c.height))
@@ -367,3 +391,45 @@ def decompress(
             "CRC mismatch: decoded pixels differ from the original (corrupted file or non-reproducible decoding)"
         )
     return im
+
+
+def _preview(c: Container, model, device: str, progress: Progress, k: int) -> Image.Image:
+    size = (-(-c.width >> k), -(-c.height >> k))
+    if not c.tiles:
+        im = decompress(c.to_bytes())
+        im = im.convert("RGBA" if "A" in im.getbands() else "L" if im.getbands() == ("L",) else "RGB")
+        return im.reduce(1 << k)
+    mdl = _model_for(c, model, device)
+    if not 1 <= k <= mdl.flow.config.levels:
+        raise IdfzipError(f"preview must be 1..{mdl.flow.config.levels} for model {mdl.name}")
+    rgb = np.empty((size[1], size[0], 3), dtype=np.uint8)
+    for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
+        part = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress, preview=k)
+        rgb[y >> k : (y >> k) + part.shape[0], x >> k : (x >> k) + part.shape[1]] = part
+    im = Image.fromarray(rgb, "RGB")
+    if c.mode == "RGBA" and c.rest is not None:
+        alpha = decode_rest(c.rest_method, c.rest, rest_mode(c.mode), (c.width, c.height)).reduce(1 << k)
+        im.putalpha(alpha)
+    return im
+
+
+def _model_for(c: Container, model: str | Model | None, device: str) -> Model:
+    """The model a flow-coded container needs: ``model`` if given (checked against the file), else the one
+    the file names."""
+    if isinstance(model, Model):
+        mdl = model
+    elif model:
+        mdl = with_device(load(model), device)
+    else:
+        mdl = with_device(load_shipped(c.model_name) if c.model_name else load_by_hash(c.model_hash), device)
+    if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
+        written = repr(c.model_name) if c.model_name else "a shipped model"
+        raise ModelMismatchError(
+            f"file was written with model {written} ({c.model_hash.hex()}), "
+            f"available model {mdl.name!r} is {mdl.sha256[:MODEL_HASH_BYTES].hex()}"
+        )
+    if c.tile % mdl.flow.multiple:
+        raise CorruptFileError(f"tile size {c.tile} does not suit model {mdl.name}")
+    if c.mode not in ("RGB", "RGBA"):
+        raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
+    return mdl

@@ -277,3 +277,27 @@ def decode_rest(method: int, data: bytes, mode: str, size: tuple[int, int]) -> I
     if method == REST_PNG:
         return _png_plane(data, mode, size)
     raise CorruptFileError(f"invalid coding method {method}")
+
+
+META_NAMES = {1: "palette", 2: "transparency", 3: "transparency", 4: "transparency", 5: "ICC profile", 6: "EXIF"}
+
+
+def meta_parts(meta: bytes | None) -> list[str]:
+    """What a meta part holds, by name (for ``idfzip info``); its format is checked by ``apply_meta``."""
+    r, names = Reader(meta or b"", "image metadata"), []
+    while r.remaining():
+        tag = r.u8()
+        if tag not in META_NAMES:
+            raise CorruptFileError("invalid image metadata")
+        names.append(META_NAMES[tag])
+        if tag == 1:
+            r.u8()
+            r.blob()
+        elif tag == 2:
+            r.varint()
+        elif tag == 3:
+            for _ in range(r.u8()):
+                r.varint()
+        else:
+            r.blob()
+    return names

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import ModelNotFoundError
 
 DEFAULT_MODEL = "natural"
+PURPOSES = {"natural": "photos and other natural images", "cifar10": "tiny 32x32 images (CIFAR-10)"}
 FORMAT = "idfzip-model"
 FORMAT_VERSION = "1"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # parameters; integer tensors are buffers (permutations)

@@ -240,12 +240,12 @@ def train(
     device: str = "cpu",
     init_from: str | Path | None = None,
     log: Callable[[str], None] = print,
-    progress: Callable[[int, float], None] | None = None,
+    progress: Callable[[int, float | None], None] | None = None,
 ) -> HierarchicalIDF:
     """Train and export ``out`` (safetensors), the best validation checkpoint so far, ready for coding.
 
     A checkpoint ``out + '.ckpt'`` (weights, optimiser, step, best validation) is written at each validation;
-    ``resume`` continues from one. ``progress(step, running training bpd)`` is called after every step (the
+    ``resume`` continues from one. ``progress(step, running training bpd)`` is called after every step, and with None on resuming (the
     running figure is process 0's slice of the batch under torchrun)."""
     tc = train_config
     if tc.threads:
@@ -259,7 +259,10 @@ def train(
     rng = np.random.default_rng(tc.seed)
     images = load_images(data)
     if len(images) <= tc.val_images:
-        raise ValueError(f"need more than {tc.val_images} images, found {len(images)}")
+        raise ValueError(
+            f"need more than {tc.val_images} images ({tc.val_images} are held out for validation: val_images in the "
+            f"config's train section, or --val-images), found {len(images)}"
+        )
     train_imgs, val_imgs = split_holdout(images, tc.val_images, tc.holdout)
     log(f"{len(train_imgs)} training images, {len(val_imgs)} validation images")
     model = HierarchicalIDF(model_config)
@@ -292,6 +295,8 @@ def train(
         rng = np.random.default_rng(tc.seed + step)
         torch.manual_seed(tc.seed + step)
         log(f"resumed at step {step}")
+        if progress:
+            progress(step, None)  # a progress bar starts where the run is
     log(f"model: {model.num_parameters()} parameters, {json.dumps(model_config.to_dict())}")
     if tc.ema and ema_state is None and not rank:
         ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

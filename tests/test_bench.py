@@ -80,6 +80,9 @@ def test_json_schema_and_totals(tiny, images, tmp_path):
     assert set(res["baselines"]) == {"png"}
     check(res["baselines"]["png"], SCHEMA["baseline"])
     assert res["baselines"]["png"]["exact"]
+    for im in res["images"]:  # the baselines per image too, adding up to their totals
+        check(im["baselines"]["png"], SCHEMA["baseline"])
+    assert sum(im["baselines"]["png"]["bytes"] for im in res["images"]) == res["baselines"]["png"]["bytes"]
     # the first image also as whole processes: same file, same image
     p = t["process"]
     assert p["images"] == 1 and p["subpixels"] == 80 * 64 * 3 and p["exact"] and p["encode_s"] > 0 < p["decode_s"]

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from conftest import SHARED, assert_same, photo
 from PIL import Image
 
+from idfzip import registry
 from idfzip.cli import cli
 from idfzip.imagefile import MAX_INPUT_BYTES
 
@@ -379,11 +380,14 @@ def test_models_lists_what_loading_finds():
     from idfzip import zoo
 
     r = CliRunner().invoke(cli, ["models"])
-    rows = [line.split("\t") for line in r.output.splitlines()]
-    assert r.exit_code == 0 and [row[0] for row in rows] == zoo.available() and rows
-    for name, sha, params, path in rows:
-        m = zoo.load(name)
-        assert (sha, params, path) == (m.sha256.hex()[:16], f"{m.flow.num_parameters()} parameters", m.path)
+    head, *rows, foot = r.output.splitlines()
+    assert r.exit_code == 0 and head.split()[:4] == ["model", "sha256", "parameters", "for"] and "default" in foot
+    assert [row.split()[0].rstrip("*") for row in rows] == zoo.available()
+    for row in rows:
+        name, sha, params, *_, path = row.split()
+        m = zoo.load(name.rstrip("*"))
+        assert (sha, params, path) == (m.sha256.hex()[:16], f"{m.flow.num_parameters():,}", m.path)
+        assert name.endswith("*") == (m.name == "natural") and registry.PURPOSES[m.name] in row
 
 
 def _grey(path: Path) -> Path:

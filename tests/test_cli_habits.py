@@ -1,0 +1,234 @@
+"""The command line as users of gzip, zstd and cjxl expect it: pipes, -c, --rm/-k, -t, -r, -q/-v, info that
+checks structure, clear messages for the rough edges new users hit."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import assert_same, photo
+from PIL import Image
+
+import idfzip
+from idfzip import cli as cli_module
+from idfzip.cli import cli
+
+
+@pytest.fixture()
+def run(tiny):
+    def invoke(*args):
+        return CliRunner().invoke(cli, ["--model", tiny.path, *map(str, args)], catch_exceptions=False)
+
+    return invoke
+
+
+def _rgb(path: Path, w: int = 40, h: int = 24) -> Path:
+    Image.fromarray(photo(w, h)).save(path)
+    return path
+
+
+def _pipe(tiny, *args, stdin: bytes = b"", cwd=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "idfzip.cli", "--model", tiny.path, *map(str, args)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, input=stdin, capture_output=True, env=env, cwd=cwd, timeout=120, check=False)
+
+
+def test_pipes_stdin_to_stdout_and_dash_output(tiny, tmp_path):
+    src = _rgb(tmp_path / "a.png")
+    r = _pipe(tiny, "compress", "-", stdin=src.read_bytes(), cwd=tmp_path)  # cat a.png | idfzip compress - > x
+    assert r.returncode == 0 and r.stdout.startswith(b"IDZ"), r.stderr
+    assert b"stdin -> stdout" in r.stderr and not list(tmp_path.glob("-*"))
+    packed = r.stdout
+    r = _pipe(tiny, "decompress", "-o", "-", "-", stdin=packed, cwd=tmp_path)  # -o -: stdout, not a file '-'
+    assert r.returncode == 0 and r.stdout.startswith(b"\x89PNG"), r.stderr
+    (tmp_path / "back.png").write_bytes(r.stdout)
+    assert_same(Image.open(src), Image.open(tmp_path / "back.png"))
+    assert not (tmp_path / "-").exists()
+
+
+def test_stdout_flag_and_dash_output_in_process(run, tmp_path, capsysbinary):
+    src = _rgb(tmp_path / "a.png")
+    assert run("compress", "-c", src).exit_code == 0
+    assert not (tmp_path / "a.idfz").exists()  # -c writes nothing beside the input
+    r = run("compress", "-o", "-", src)
+    assert r.exit_code == 0 and not (tmp_path / "-").exists()
+    for bad in (["-c", "-o", tmp_path / "x.idfz"], ["-c", "--out-dir", tmp_path], ["-c", src]):
+        assert run("compress", *bad, src).exit_code == 2  # usage errors exit with 2
+
+
+def test_keep_is_the_default_and_rm_removes_inputs_once_written(run, tmp_path):
+    src = _rgb(tmp_path / "a.png")
+    assert run("compress", "-k", src).exit_code == 0 and src.exists()
+    r = run("compress", "-f", "--rm", src)
+    assert r.exit_code == 0 and not src.exists() and (tmp_path / "a.idfz").exists()
+    r = run("decompress", "--rm", tmp_path / "a.idfz")
+    assert r.exit_code == 0 and src.exists() and not (tmp_path / "a.idfz").exists()
+    assert run("compress", "-k", "--rm", src).exit_code == 2
+    assert run("compress", "-c", "--rm", src).exit_code == 2
+    (tmp_path / "b.idfz").write_bytes(b"IDZ\x05")  # a failed input is never removed
+    assert run("decompress", "--rm", tmp_path / "b.idfz").exit_code == 1 and (tmp_path / "b.idfz").exists()
+
+
+def test_test_mode_decodes_checks_and_writes_nothing(run, tmp_path):
+    src = _rgb(tmp_path / "a.png")
+    assert run("compress", src).exit_code == 0
+    src.unlink()
+    r = run("decompress", "-t", tmp_path / "a.idfz")
+    assert r.exit_code == 0 and "a.idfz: OK" in r.output and not src.exists()
+    data = (tmp_path / "a.idfz").read_bytes()
+    (tmp_path / "cut.idfz").write_bytes(data[: len(data) // 2])
+    r = run("decompress", "-t", tmp_path / "a.idfz", tmp_path / "cut.idfz")
+    assert r.exit_code == 1 and "cut.idfz: file is truncated" in r.output and "a.idfz: OK" in r.output
+    assert run("decompress", "-t", "-o", tmp_path / "x.png", tmp_path / "a.idfz").exit_code == 2
+
+
+def test_recursive_folders(run, tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    a, b = _rgb(tmp_path / "d" / "a.png"), _rgb(tmp_path / "d" / "sub" / "b.png", 20, 20)
+    (tmp_path / "d" / "notes.txt").write_text("not an image")
+    assert run("compress", tmp_path / "d").exit_code == 1  # a folder without -r is an error, named
+    r = run("compress", "-r", tmp_path / "d")
+    assert r.exit_code == 0 and (tmp_path / "d" / "a.idfz").exists() and (tmp_path / "d" / "sub" / "b.idfz").exists()
+    a.unlink()
+    b.unlink()
+    r = run("decompress", "-r", "-q", tmp_path / "d")
+    assert r.exit_code == 0 and r.output == "" and a.exists() and b.exists()
+
+
+def test_quiet_and_verbose_everywhere(run, tmp_path, monkeypatch):
+    src = _rgb(tmp_path / "a.png")
+    assert run("compress", "-q", src).output == ""
+    r = run("decompress", "-f", tmp_path / "a.idfz")
+    assert r.exit_code == 0 and "a.idfz -> " in r.output  # decompress reports like compress
+    assert run("decompress", "-q", "-f", tmp_path / "a.idfz").output == ""
+    assert run("info", "-q", tmp_path / "a.idfz").output == ""
+    monkeypatch.setattr(cli_module, "PROGRESS_PERIOD", 0.0)  # not a terminal: -v gives plain progress lines
+    r = run("compress", "-v", "-f", src)
+    assert r.exit_code == 0 and "%" in r.output and "a.png: 100%" in r.output
+
+
+def test_info_checks_structure_and_says_truncated(run, tmp_path):
+    src = _rgb(tmp_path / "a.png", 70, 50)
+    assert run("compress", src).exit_code == 0
+    data = (tmp_path / "a.idfz").read_bytes()
+    for n in (20, 100, len(data) // 2, len(data) - 1):
+        (tmp_path / "t.idfz").write_bytes(data[:n])
+        r = run("info", tmp_path / "t.idfz")
+        assert r.exit_code == 1 and r.output.strip() == f"Error: {tmp_path / 't.idfz'}: file is truncated"
+    (tmp_path / "t.idfz").write_bytes(data + b"\0")
+    r = run("info", tmp_path / "t.idfz")
+    assert r.exit_code == 1 and "unexpected bytes" in r.output
+    r = run("info", tmp_path / "a.idfz", tmp_path / "a.idfz")
+    assert r.exit_code == 0 and r.output.count("\n\nfile:") == 1  # one block per file, blank line between
+    r = run("info", "--json", tmp_path / "a.idfz")
+    d = json.loads(r.output)
+    assert d["width"] == 70 and d["bytes"] == len(data) and d["metadata"] == []
+
+
+def test_info_names_the_metadata_present(run, tmp_path):
+    im = Image.new("P", (8, 8))
+    im.putpalette([0, 0, 0, 255, 255, 255])
+    im.info["transparency"] = 1
+    im.save(tmp_path / "p.png")
+    assert run("compress", tmp_path / "p.png").exit_code == 0
+    r = run("info", tmp_path / "p.idfz")
+    assert "(palette, transparency)" in r.output and "ICC" not in r.output
+
+
+def test_wrong_kind_of_input_is_named(run, tmp_path):
+    src = _rgb(tmp_path / "g.png")
+    assert run("compress", src).exit_code == 0
+    r = run("compress", tmp_path / "g.idfz")
+    assert r.exit_code == 1 and "already an .idfz file" in r.output
+    (tmp_path / "text.png").write_text("hello")
+    r = run("decompress", tmp_path / "text.png")
+    assert r.exit_code == 1 and "text.png: not an .idfz file" in r.output
+    r = run("decompress", src)
+    assert r.exit_code == 1 and "not an .idfz file (compress it?)" in r.output
+    for cmd in ("compress", "decompress", "info"):
+        r = run(cmd, tmp_path / "missing.png")
+        assert r.exit_code == 1 and r.output.strip().endswith("missing.png: no such file")
+
+
+def test_tiff_refusal_names_the_exif(run, tmp_path):
+    im = Image.fromarray(photo(24, 16))
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    im.save(tmp_path / "e.jpg", exif=exif.tobytes(), quality=90)
+    r = run("compress", tmp_path / "e.jpg")
+    assert r.exit_code == 0 and "JPEG input: its decoded pixels are stored losslessly" in r.output
+    r = run("decompress", "-o", tmp_path / "e.tif", tmp_path / "e.idfz")
+    assert r.exit_code == 1 and "cannot hold this RGB image's EXIF exactly (use .png)" in r.output
+    assert run("decompress", "-o", tmp_path / "e.png", tmp_path / "e.idfz").exit_code == 0
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_palette_indices_past_the_palette_round_trip_through_files(run, tmp_path):
+    """A PNG whose 8-bit indices reach past its 2-entry palette (Pillow reads it): compress accepts it, so
+    decompress must give it back as a PNG that reads to the same indices and palette."""
+    w, h = 4, 3
+    rows = b"".join(b"\0" + bytes((x + 3 * y) % 7 for x in range(w)) for y in range(h))
+    png = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+    png += _png_chunk(b"PLTE", bytes([255, 0, 0, 0, 255, 0])) + _png_chunk(b"IDAT", zlib.compress(rows))
+    (tmp_path / "f.png").write_bytes(png + _png_chunk(b"IEND", b""))
+    assert run("compress", tmp_path / "f.png").exit_code == 0
+    r = run("decompress", "-o", tmp_path / "back.png", tmp_path / "f.idfz")
+    assert r.exit_code == 0, r.output
+    a, b = Image.open(tmp_path / "f.png"), Image.open(tmp_path / "back.png")
+    assert max(a.tobytes()) == 6 and len(a.getpalette()) == 6
+    assert_same(a, b)
+
+
+def test_a_tiny_image_coded_classically_never_loads_the_model(tmp_path):
+    im = Image.fromarray(photo(1, 1))
+    data = idfzip.compress(im, model=str(tmp_path / "no-such-model.safetensors"))  # loading it would fail
+    assert idfzip.inspect(data)["tiles"] == 0 and idfzip.decompress(data).tobytes() == im.tobytes()
+
+
+def test_training_says_why_it_needs_more_images_and_takes_an_override(tmp_path):
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).save(tmp_path / f"{i}.png")
+    cfg = tmp_path / "c.json"
+    model = {"levels": 2, "prior_hidden": 8, "mixtures": 2}
+    cfg.write_text(json.dumps({"model": model, "train": {"crop": 16, "batch": 2, "steps": 1, "val_images": 8}}))
+    args = ["train", str(tmp_path), "--config", str(cfg), "--out", str(tmp_path / "m.safetensors")]
+    r = CliRunner().invoke(cli, args)  # main() prints the IdfzipError as one line
+    assert r.exit_code == 1 and "val_images" in str(r.exception) and "--val-images" in str(r.exception)
+    r = CliRunner().invoke(cli, [*args, "--val-images", "1"])
+    assert r.exit_code == 0 and "2 training images, 1 validation images" in r.output, r.output
+
+
+def test_preview_is_close_to_the_box_downsampled_image(tmp_path):
+    """--preview K for K = 1 .. levels (shipped model, a 128x96 photo crop): the picture is the image 2**K
+    times smaller per side, within a few grey levels of its box average; RGBA keeps its alpha plane averaged,
+    and an image coded classically is previewed from its whole decode."""
+    rgb = Image.open(Path(__file__).resolve().parent.parent / "examples" / "sample.png").convert("RGB")
+    im = rgb.crop((0, 0, 128, 94))
+    data = idfzip.compress(im)
+    levels = 5
+    for k in range(1, levels + 1):
+        p = idfzip.decompress(data, preview=k)
+        ref = im.reduce(1 << k)
+        assert p.mode == "RGB" and p.size == ref.size == (-(-128 >> k), -(-94 >> k))
+        err = np.abs(np.asarray(p, dtype=int) - np.asarray(ref, dtype=int)).mean()
+        assert err < 8, (k, err)
+    with pytest.raises(idfzip.IdfzipError, match="preview must be 1..5"):
+        idfzip.decompress(data, preview=levels + 1)
+    rgba = im.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(im.size))
+    p = idfzip.decompress(idfzip.compress(rgba), preview=2)
+    assert p.mode == "RGBA" and p.getchannel("A").tobytes() == rgba.getchannel("A").reduce(4).tobytes()
+    grey = im.convert("L")
+    assert idfzip.decompress(idfzip.compress(grey), preview=1).tobytes() == grey.reduce(2).tobytes()
+    (tmp_path / "s.idfz").write_bytes(data)
+    r = CliRunner().invoke(cli, ["decompress", "--preview", "3", str(tmp_path / "s.idfz")])
+    assert r.exit_code == 0 and Image.open(tmp_path / "s.preview-3.png").size == (16, 12)
