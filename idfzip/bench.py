@@ -252,11 +252,12 @@ def run(
     model: Model,
     compare: Iterable[str] = CODECS,
     device: str = "cpu",
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[dict | None], None] | None = None,
     process: int = 0,
 ) -> Result:
     """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` and the baselines; the
-    first ``process`` images also as whole CLI processes."""
+    first ``process`` images also as whole CLI processes. ``progress`` gets each image's record once it is done
+    (None for an image skipped)."""
     res = Result(model.name, model.sha256.hex())
     codecs = {}
     for name in compare:
@@ -272,7 +273,7 @@ def run(
         except IdfzipError as e:
             res.skipped_images[src.name] = str(e).removeprefix(src.name + ": ")
             if progress:
-                progress()
+                progress(None)
             continue
         (data, stats), enc_s = _timed(codec.compress_with_stats, im, model, codec.DEFAULT_TILE, device)
         try:
@@ -319,7 +320,7 @@ def run(
             theirs[name] = {"bytes": len(blob), "bpd": 8.0 * len(blob) / n, "encode_s": e_s, "decode_s": d_s}
             theirs[name]["exact"] = same
         if progress:
-            progress()
+            progress(res.images[-1])
     return res
 
 

@@ -546,7 +546,8 @@ def decompress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursi
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file, one per line.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing: only check the structure (exit status).")
-def info(inputs, as_json, quiet):
+@click.option("-v", "--verbose", is_flag=True, help="Also the bytes of each tile stream.")
+def info(inputs, as_json, quiet, verbose):
     """Check the structure of .idfz files and show what each holds: size, mode, model, tiles, bytes, bits per
     sub-pixel. A truncated or corrupt file is an error (exit status 1); `decompress -t` also decodes."""
     import json
@@ -581,6 +582,9 @@ def info(inputs, as_json, quiet):
             lines.append(f"tiles:       {grid}, {d['flow_bytes']} bytes")
             if d["adapted_tiles"]:
                 lines.append(f"adapted:     {d['adapted_tiles']} of {d['tiles']} tiles (priors fitted to the image)")
+            if verbose:
+                sizes = [len(t) for t in Container.from_bytes(data).tiles]
+                lines.append(f"tile bytes:  {' '.join(map(str, sizes))} (row-major)")
         if rest:
             lines.append(f"other data:  {rest['bytes']} bytes ({REST_METHODS[rest['method']]})")
         if d["meta_bytes"]:
@@ -613,9 +617,13 @@ def info(inputs, as_json, quiet):
 @click.option("--val-images", type=click.IntRange(1), default=None, help="Override the config's held-out image count.")
 @click.option("--device", "train_device", type=click.Choice(["cpu", "cuda"]), default=None, help="Train here.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing OUT.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or log lines: errors and the result only.")
+@click.option("-v", "--verbose", is_flag=True, help="Log lines every 50 steps even beside the progress bar.")
 @_shared("threads")
 @click.pass_context
-def train(ctx, data, config_path, out, resume, init_from, steps, minutes, val_images, train_device, force):
+def train(
+    ctx, data, config_path, out, resume, init_from, steps, minutes, val_images, train_device, force, quiet, verbose
+):
     """Train a model on DATA (folders, images or zips of images) and write OUT, usable at once with --model."""
     import dataclasses
 
@@ -646,8 +654,15 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, val_im
         if not torch.cuda.is_available():
             raise IdfzipError("--device cuda: no CUDA device is available")
     helper = os.environ.get("RANK", "0") != "0"  # under torchrun, process 0 alone reports
+    if quiet and verbose:
+        raise click.UsageError("give -q or -v, not both")
     bar = tqdm(
-        total=train_cfg.steps, desc="train", unit="step", file=sys.stderr, disable=helper or None, dynamic_ncols=True
+        total=train_cfg.steps,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        disable=helper or quiet or None,
+        dynamic_ncols=True,
     )
 
     def progress(step: int, bpd: float | None) -> None:
@@ -667,8 +682,9 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, val_im
             resume=ckpt if resume else None,
             device=device,
             init_from=init_from,
-            log=lambda line: bar.write(line, file=sys.stderr),
-            progress=None if bar.disable else progress,  # no terminal: a log line every 50 steps instead
+            log=(lambda line: None) if quiet else lambda line: bar.write(line, file=sys.stderr),
+            # no terminal (or -v): a log line every 50 steps; -q: neither
+            progress=None if bar.disable or verbose else progress,
         )
     except (ValueError, OSError) as e:
         raise IdfzipError(str(e)) from None
@@ -700,9 +716,11 @@ def train(ctx, data, config_path, out, resume, init_from, steps, minutes, val_im
     show_default=True,
     help="Also time the first N images as whole 'idfzip compress' / 'decompress' processes (0: none).",
 )
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar: the table (and errors) only.")
+@click.option("-v", "--verbose", is_flag=True, help="Also a line per image as it is done.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def bench(ctx, paths, compare, json_path, plot_path, limit, process):
+def bench(ctx, paths, compare, json_path, plot_path, limit, process, quiet, verbose):
     """Bits per sub-pixel and speed of idfzip beside classical codecs, on PATHS (folders, images, zips)."""
     import json
 
@@ -725,8 +743,19 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process):
     if not sources:
         raise IdfzipError("no images found in " + ", ".join(paths))
     model = zoo.with_device(zoo.load(ctx.obj["model"]), ctx.obj["device"])
-    with tqdm(total=len(sources), desc="bench", unit="img", file=sys.stderr, disable=None, leave=False) as bar:
-        res = bm.run(sources, model, names, ctx.obj["device"], progress=bar.update, process=process)
+    bar = tqdm(total=len(sources), desc="bench", unit="img", file=sys.stderr, disable=quiet or None, leave=False)
+
+    def progress(i: dict | None) -> None:
+        bar.update()
+        if verbose and i is not None:  # -v: a line per image as it is done
+            bar.write(
+                f"{i['file']}: {i['bpd']:.3f} bpd, encode {i['encode_s']:.2f} s, decode {i['decode_s']:.2f} s"
+                + ("" if i["exact"] else ", NOT EXACT"),
+                file=sys.stderr,
+            )
+
+    with bar:
+        res = bm.run(sources, model, names, ctx.obj["device"], progress=progress, process=process)
     if not res.images:
         raise IdfzipError("no image could be benchmarked (" + "; ".join(res.skipped_images.values()) + ")")
     click.echo(res.table())
@@ -741,8 +770,13 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process):
 
 
 @cli.command("models")
-def models_cmd():
+@click.option("-q", "--quiet", is_flag=True, help="Names only, one per line.")
+@click.option("-v", "--verbose", is_flag=True, help="Also each model's architecture and training step.")
+def models_cmd(quiet, verbose):
     """List the shipped models (* the default) and what each is for."""
+    if quiet:
+        click.echo("\n".join(registry.available()))
+        return
     rows = [("model", "sha256", "parameters", "for", "file")]
     for name in registry.available():
         path = registry.shipped(name)
@@ -753,6 +787,12 @@ def models_cmd():
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        if verbose and r is not rows[0]:
+            meta = registry.describe(Path(r[4]))["metadata"]
+            click.echo(
+                f"    config {meta.get('config', '?')}; step {meta.get('step', '?')}, validation "
+                f"{meta.get('val_bpd', '?')} bpd"
+            )
     click.echo("* the default; another with --model NAME (or a .safetensors file: --model PATH)")
 
 

@@ -232,3 +232,53 @@ def test_preview_is_close_to_the_box_downsampled_image(tmp_path):
     (tmp_path / "s.idfz").write_bytes(data)
     r = CliRunner().invoke(cli, ["decompress", "--preview", "3", str(tmp_path / "s.idfz")])
     assert r.exit_code == 0 and Image.open(tmp_path / "s.preview-3.png").size == (16, 12)
+
+
+def test_quiet_and_verbose_on_info_models_bench_and_train(run, tiny, tmp_path):
+    src = _rgb(tmp_path / "a.png", 96, 72)  # over codec.SMALL_IMAGE pixels: the flow, in 3 x 3 tiles of 32
+    assert run("compress", "--tile", 32, src).exit_code == 0
+    r = run("info", "-v", tmp_path / "a.idfz")
+    assert "tile bytes:" in r.output and len(r.output.split("tile bytes:")[1].split("(")[0].split()) == 9
+    r = CliRunner().invoke(cli, ["models", "-q"])
+    assert r.output.split() == idfzip.zoo.available()
+    r = CliRunner().invoke(cli, ["models", "-v"])
+    assert r.output.count("config {") == len(idfzip.zoo.available())
+    args = ["bench", str(src), "--model", str(tiny.path), "--compare", "png", "--process", "0"]
+    r = CliRunner().invoke(cli, [*args, "-v"], catch_exceptions=False)
+    assert r.exit_code == 0 and f"{src}: " in r.output and " bpd, encode " in r.output
+    r = CliRunner().invoke(cli, [*args, "-q"], catch_exceptions=False)
+    assert r.exit_code == 0 and f"{src}: " not in r.output and "idfzip" in r.output
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).save(tmp_path / f"t{i}.png")
+    cfg = tmp_path / "c.json"
+    train_cfg = {"crop": 16, "batch": 2, "steps": 2, "val_every": 2, "val_images": 1}
+    cfg.write_text(json.dumps({"model": {"levels": 2, "prior_hidden": 8, "mixtures": 2}, "train": train_cfg}))
+    pngs = [str(tmp_path / f"t{i}.png") for i in range(3)]
+    base = ["train", *pngs, "--config", str(cfg)]
+    r = CliRunner().invoke(cli, [*base, "--out", str(tmp_path / "q.safetensors"), "-q"], catch_exceptions=False)
+    assert r.exit_code == 0 and r.output.splitlines() == [r.output.strip()] and "validation" in r.output
+
+
+def test_a_resumed_run_reports_its_step_first(tmp_path):
+    from idfzip.flows import IDFConfig
+    from idfzip.train import TrainConfig, train
+
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).save(tmp_path / f"{i}.png")
+    model = IDFConfig.from_dict({"levels": 2, "prior_hidden": 8, "mixtures": 2})
+    out = tmp_path / "m.safetensors"
+    tc = TrainConfig(crop=16, batch=2, steps=3, val_every=3, val_images=1)
+    train(model, tc, [tmp_path], out, "m", log=lambda line: None)
+    seen = []
+    tc = TrainConfig(crop=16, batch=2, steps=5, val_every=5, val_images=1)
+    train(
+        model,
+        tc,
+        [tmp_path],
+        out,
+        "m",
+        resume=str(out) + ".ckpt",
+        log=lambda line: None,
+        progress=lambda step, bpd: seen.append((step, bpd)),
+    )
+    assert seen[0] == (3, None) and [s for s, _ in seen[1:]] == [4, 5]  # a bar starts at the resumed step
