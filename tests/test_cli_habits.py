@@ -282,3 +282,18 @@ def test_a_resumed_run_reports_its_step_first(tmp_path):
         progress=lambda step, bpd: seen.append((step, bpd)),
     )
     assert seen[0] == (3, None) and [s for s, _ in seen[1:]] == [4, 5]  # a bar starts at the resumed step
+
+
+def test_binary_output_never_goes_to_a_terminal(tiny, tmp_path):
+    import pty
+
+    grey = tmp_path / "g.png"
+    Image.fromarray(photo(8, 8)[:, :, 0]).save(grey)
+    master, slave = pty.openpty()
+    try:
+        cmd = [sys.executable, "-m", "idfzip.cli", "compress", "-c", str(grey)]
+        r = subprocess.run(cmd, stdout=slave, stderr=subprocess.PIPE, timeout=120, check=False)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert r.returncode == 1 and b"stdout is a terminal" in r.stderr
