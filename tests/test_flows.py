@@ -140,8 +140,11 @@ def test_integer_products_agree_on_every_kernel():
     )
     hi[:, :5] = -128
     ref = a.long() @ (128 * hi.long() + lo.long())
-    assert torch.equal(nets._imm(a, hi, lo).long(), ref)
-    assert torch.equal(nets._imm_float(a, hi, lo).long(), ref)
+    w = torch.cat([hi, lo], 1)
+    assert torch.equal(nets._imm(a, w).long(), ref)
+    r = nets._imm_float(a, w).long()
+    assert torch.equal(128 * r[:, :48] + r[:, 48:], ref)
+    assert torch.equal(nets._halves(128 * hi.long() + lo.long()), w)
 
 
 def test_integer_mode_needs_calibration():

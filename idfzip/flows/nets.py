@@ -145,32 +145,32 @@ def _int_grid(w: torch.Tensor, max_shift: int) -> tuple[torch.Tensor, torch.Tens
         shift = shift - over.double()
 
 
-def _halves(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer weights q in [-2**14, 2**14) as int8 hi, lo with q = 128 hi + lo (lo in 0..127)."""
+def _halves(q: torch.Tensor) -> torch.Tensor:
+    """Integer weights q (K, N) in [-2**14, 2**14) as one int8 matrix [hi | lo] (K, 2N) with q = 128 hi + lo
+    (lo in 0..127): one product gives both halves' sums."""
     q = q.long()
-    return (q >> 7).to(torch.int8).contiguous(), (q & 127).to(torch.int8).contiguous()
+    return torch.cat([q >> 7, q & 127], 1).to(torch.int8).contiguous()
 
 
-def _imm(a: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """a @ (128 hi + lo) for int8 a, hi, lo, as exact int32: int8 products with int32 sums on the CPU; elsewhere
-    float32 products of the same values (|a|, |hi|, |lo| <= 128, at most 2**10 terms: sums below 2**24, exact
-    in any order; TF32 is turned off)."""
-    if a.device.type == "cpu":
-        return torch._int_mm(a, hi).mul_(128).add_(torch._int_mm(a, lo))
-    return _imm_float(a, hi, lo)
+def _imm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ (128 hi + lo) for int8 a and w = [hi | lo] (``_halves``), as exact int32 (a view): int8 products with
+    int32 sums on the CPU; elsewhere float32 products of the same values (|a|, |hi|, |lo| <= 128, at most 2**10
+    terms: sums below 2**24, exact in any order; TF32 is turned off)."""
+    r = torch._int_mm(a, w) if a.device.type == "cpu" else _imm_float(a, w)
+    n = w.shape[1] // 2
+    return r[:, :n].mul_(128).add_(r[:, n:])
 
 
-def _imm_float(a: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+def _imm_float(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     prec = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        af = a.float()
-        return (af @ hi.float()).int().mul_(128).add_((af @ lo.float()).int())
+        return (a.float() @ w.float()).int()
     finally:
         torch.set_float32_matmul_precision(prec)
 
 
-def _int_stack(a: torch.Tensor, hidden: list, hi: torch.Tensor, lo: torch.Tensor, beta, scale, bias) -> torch.Tensor:
+def _int_stack(a: torch.Tensor, hidden: list, w_out: torch.Tensor, beta, scale, bias) -> torch.Tensor:
     """The hidden 3x3 layers and the output layer of the integer mode on first-layer activations ``a`` (B, C,
     H, W), int8 (activation - 128). Each image lives in a flat buffer of (H + 3) x (W + 2) positions by C
     channels as in ``_hidden_stack`` (padding: activation 0, stored as -128); a layer gathers the nine shifted
@@ -180,21 +180,21 @@ def _int_stack(a: torch.Tensor, hidden: list, hi: torch.Tensor, lo: torch.Tensor
     B, C, H, W = a.shape
     Wp = W + 2
     n = H * Wp
-    out = torch.empty(B, hi.shape[1], H, W, dtype=torch.float64, device=a.device)
+    out = torch.empty(B, w_out.shape[1] // 2, H, W, dtype=torch.float64, device=a.device)
     for i in range(B):
         src = torch.full(((H + 3) * Wp, C), -128, dtype=torch.int8, device=a.device)
         src.view(H + 3, Wp, C)[1 : H + 1, 1 : W + 1] = a[i].permute(1, 2, 0)
         dst = src.clone() if hidden else src
         cols = torch.empty(n, 9 * C, dtype=torch.int8, device=a.device) if hidden else None
-        for whi, wlo, b, shift in hidden:
+        for w, b, shift in hidden:
             for k in range(9):
                 off = (k // 3) * Wp + k % 3
                 cols[:, k * C : (k + 1) * C] = src[off : off + n]
-            y = _imm(cols, whi, wlo).add_(b).bitwise_right_shift_(shift).clamp_(0, ACT_LEVELS).sub_(128)
+            y = _imm(cols, w).add_(b).bitwise_right_shift_(shift).clamp_(0, ACT_LEVELS).sub_(128)
             y.view(H, Wp, C)[:, W:] = -128
             dst[Wp + 1 : Wp + 1 + n] = y
             src, dst = dst, src
-        r = _imm(src[Wp + 1 : Wp + 1 + n].contiguous(), hi, lo).add_(beta).double().mul_(scale).add_(bias)
+        r = _imm(src[Wp + 1 : Wp + 1 + n].contiguous(), w_out).add_(beta).double().mul_(scale).add_(bias)
         out[i] = r.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
     return out
 
@@ -338,8 +338,8 @@ class ConvNet(nn.Module):
         """The integer mode's weights (module docstring), computed on the CPU in float64 from the float weights
         (powers of two, floor and comparisons only: the same on every machine), then moved to ``device``.
         (first, hidden, last): first = the linear branch and first layer as one float64 convolution (weights,
-        bias, number of linear channels) or None without hidden layers; hidden = per 3x3 layer (hi, lo, beta,
-        shift); last = (hi, lo, beta, scale, bias)."""
+        bias, number of linear channels) or None without hidden layers; hidden = per 3x3 layer ([hi | lo], beta,
+        shift); last = ([hi | lo], beta, scale, bias)."""
         convs = [(c.weight.detach().double().cpu(), c.bias.detach().double().cpu()) for c in self.convs]
         if len(convs) == 1:
             return None  # no hidden layers: the float64 mode is the integer mode
@@ -369,15 +369,15 @@ class ConvNet(nn.Module):
             beta = torch.maximum(torch.minimum(beta, bound + 256 * scale), -bound - 1)
             if float((2 * bound + 256 * scale).max()) >= _INT32:
                 raise ValueError("a hidden layer's integer sums could reach 2**31")
-            hi, lo = _halves(q.permute(2, 3, 1, 0).reshape(-1, q.shape[0]))  # rows (dy, dx, input channel)
-            hidden.append((hi.to(device), lo.to(device), beta.int().to(device), shift.int().to(device)))
+            w = _halves(q.permute(2, 3, 1, 0).reshape(-1, q.shape[0]))  # rows (dy, dx, input channel)
+            hidden.append((w.to(device), beta.int().to(device), shift.int().to(device)))
         w, b = convs[-1]
         w = w[:, :, 0, 0] * unit[-1].view(1, -1)
         q, shift = _int_grid(w, OUT_MAX_SHIFT)
-        hi, lo = _halves(q.t())
+        w = _halves(q.t())
         beta = (128 * q.sum(1)).int()  # undoes the -128 offset of the activations
         bias = _quantize_weight(b)
-        last = (hi.to(device), lo.to(device), beta.to(device), torch.exp2(-shift.double()).to(device), bias.to(device))
+        last = (w.to(device), beta.to(device), torch.exp2(-shift.double()).to(device), bias.to(device))
         return first, hidden, last
 
     def _exact(self, x: torch.Tensor) -> torch.Tensor:
