@@ -15,6 +15,12 @@ search, so every machine makes the same choices and builds the same tables. Vers
 with ``apply``, the float64 form they were written with. Block layout (docs/FORMAT.md): a varint mask
 (bit 3l + j: slot j of level l adapted), then per adapted slot in mask order C x 4 signed bytes, ordered
 channel, (a, b, d, t).
+
+Version 6 (efforts 7-9) adds per channel, for each of the 3K mixture parameters x (logits, means, log-scales
+of each component), an offset o and a gain g: after the transform above, x' = x * (1 + g/64) + o/64. A slot
+then takes C x (4 + 6K) signed bytes, ordered channel, (a, b, d, t, o_1..o_3K, g_1..g_3K). The encoder fits
+them in float64 (``_offsets``) and rounds them; the bits depend only on the stored integers, so every decoder
+computes the same.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 
 from .container import Reader, write_varint
 from .errors import CorruptFileError
-from .priors import IntMixture, adapt_int, quantize
+from .priors import PARAM_FRAC, IntMixture, adapt_int, nll_bits, one_thread, quantize
 
 UNIT = 64  # parameters are integers in units of 1/UNIT
 LIMITS = ((-48, 64), (-127, 127), (-48, 64), (-48, 64))  # ranges the encoder searches for a, b, d, t
@@ -34,7 +40,12 @@ STEPS = (16, 8, 4, 2, 1)
 MARGIN_BITS = 16  # a slot must save this much more than its parameters cost
 MIN_GAIN = 66  # a search step must save at least this many 2**-16 bits (about 1e-3 bits)
 
-Params = dict[tuple[int, int], torch.Tensor]  # (level, slot) -> (C, 4) int64
+OFFSET_LIMIT = 127  # per-component offsets (version 6): integers in units of 1/UNIT, |o| <= 127
+GAIN_LIMITS = (-48, 64)  # per-component gains (version 6), as the 4-parameter factors
+OFFSET_STEPS = 60  # Adam steps of the offsets' float fit (by default)
+OFFSET_LR = 0.05
+
+Params = dict[tuple[int, int], torch.Tensor]  # (level, slot) -> (C, 4) int64, or (C, 4 + 6K) in version 6
 
 
 def apply(raw: torch.Tensor, p: torch.Tensor | None, K: int) -> torch.Tensor:
@@ -46,12 +57,12 @@ def apply(raw: torch.Tensor, p: torch.Tensor | None, K: int) -> torch.Tensor:
     return torch.cat([raw[:, :K] * (1.0 + t), raw[:, K : 2 * K] * (1.0 + d), raw[:, 2 * K :] * (1.0 + a) + b], 1)
 
 
-def _subsample(n: int) -> np.ndarray:
-    """At most FIT_SYMBOLS positions of n, spread pseudo-randomly (a strided subsample could see only a few image
+def _subsample(n: int, size: int = FIT_SYMBOLS) -> np.ndarray:
+    """At most ``size`` positions of n, spread pseudo-randomly (a strided subsample could see only a few image
     columns): i * 2654435761 mod n, distinct as that prime exceeds any n here."""
-    if n <= FIT_SYMBOLS:
+    if n <= size:
         return np.arange(n)
-    return (np.arange(FIT_SYMBOLS, dtype=np.int64) * 2654435761) % n
+    return (np.arange(size, dtype=np.int64) * 2654435761) % n
 
 
 def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,11 +104,14 @@ def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarra
     return p, base - cur
 
 
-def _streams(raws: list[torch.Tensor], zs: list[torch.Tensor], K: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """One stream's subsample: quantised parameters (3K, m), symbols (m,), and the stream's length n."""
+def _streams(
+    raws: list[torch.Tensor], zs: list[torch.Tensor], K: int, size: int = FIT_SYMBOLS
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One stream's subsample of at most ``size`` symbols: quantised parameters (3K, m), symbols (m,), and the
+    stream's length n."""
     r = torch.cat([x.detach().reshape(x.shape[0], 3 * K, -1).permute(1, 0, 2).reshape(3 * K, -1) for x in raws], 1)
     z = torch.cat([x.reshape(-1) for x in zs]).long().cpu().numpy()
-    pick = _subsample(len(z))
+    pick = _subsample(len(z), size)
     return quantize(r[:, torch.from_numpy(pick).to(r.device)]), z[pick], len(z)
 
 
@@ -109,15 +123,66 @@ def fit(raws: list[torch.Tensor], zs: list[torch.Tensor], K: int) -> tuple[torch
     return torch.from_numpy(p[0]), int(saved[0]) * n // len(z)
 
 
-def fit_slot(segments: list[tuple[torch.Tensor, list[torch.Tensor]]], C: int, K: int) -> torch.Tensor | None:
+def _offsets(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int, steps: int = OFFSET_STEPS) -> np.ndarray:
+    """Per-component offsets o and gains g (C, 6K: o then g) in units of 1/UNIT for C streams with quantised
+    parameters q (C, 3K, m), symbols z (C, m) and 4-parameter adaptation p (C, 4): each parameter x becomes
+    x (1 + g) + o; a float64 fit (Adam on the mixture's NLL, from 0), rounded. Only the encoder runs it; the
+    decoder reads the integers, so the file decodes the same anywhere (another kind of CPU may round a float
+    differently and so choose other integers: a different file, as valid)."""
+    C = q.shape[0]
+    base = torch.from_numpy(adapt_int(q, p[:, :, None], K, axis=1)).double() * 2.0**-PARAM_FRAC
+    raw = base.reshape(1, C * 3 * K, -1, 1)
+    zs = torch.from_numpy(z).double().reshape(1, C, -1, 1)
+    o = torch.zeros(1, C * 3 * K, 1, 1, dtype=torch.float64, requires_grad=True)
+    g = torch.zeros(1, C * 3 * K, 1, 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([o, g], lr=OFFSET_LR)
+    with torch.enable_grad(), one_thread():  # the same choices at any thread count (on one kind of CPU)
+        for _ in range(steps):
+            opt.zero_grad()
+            nll_bits(zs, raw * (1 + g) + o, K).backward()
+            opt.step()
+    o = torch.round(o.detach() * UNIT).clamp(-OFFSET_LIMIT, OFFSET_LIMIT).long()
+    g = torch.round(g.detach() * UNIT).clamp(*GAIN_LIMITS).long()
+    return torch.cat([o.view(C, 3 * K), g.view(C, 3 * K)], 1).numpy()
+
+
+def _lengths(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int) -> np.ndarray:
+    """Integer code length (2**-16 bits) of each of C streams (q (C, 3K, m), z (C, m)) under adaptation p."""
+    C, _, m = q.shape
+    qq = adapt_int(q, p[:, :, None], K, axis=1)
+    flat = np.moveaxis(qq, 1, 0).reshape(3 * K, -1)
+    return IntMixture.from_quantized(flat, K).ideal_length(z.reshape(-1)).reshape(C, m).sum(1)
+
+
+def fit_slot(
+    segments: list[tuple[torch.Tensor, list[torch.Tensor]]],
+    C: int,
+    K: int,
+    symbols: int = FIT_SYMBOLS,
+    offsets: int = 0,
+    steps: int = OFFSET_STEPS,
+) -> torch.Tensor | None:
     """(C, 4) parameters for one slot of a level from its passes [(symbols (B, C, ...), per-channel mixture
-    parameters)], or None where adapting it would not pay for its bytes."""
+    parameters)], searched on about ``symbols`` of each stream's symbols, or None where adapting it would
+    not pay for its bytes. ``offsets`` > 0 (version 6): (C, 4 + 6K) parameters, the last 6K per-component
+    offsets and gains (``_offsets``) fitted on about that many symbols in ``steps`` steps (zero in a channel
+    where they do not save bits on them)."""
     if sum(z.numel() for z, _ in segments) < MIN_SYMBOLS:
         return None
-    streams = [_streams([raws[c] for _, raws in segments], [z[:, c : c + 1] for z, _ in segments], K) for c in range(C)]
-    n, m = streams[0][2], len(streams[0][1])
-    p, saved = _search(np.stack([s[0] for s in streams]), np.stack([s[1] for s in streams]), K)
-    return torch.from_numpy(p) if int(saved.sum()) * n // m > (8 * 4 * C + MARGIN_BITS) << 16 else None
+
+    def sample(size: int) -> tuple[np.ndarray, np.ndarray, int]:  # (C, 3K, m) parameters, (C, m) symbols, n
+        s = [_streams([r[c] for _, r in segments], [z[:, c : c + 1] for z, _ in segments], K, size) for c in range(C)]
+        return np.stack([x[0] for x in s]), np.stack([x[1] for x in s]), s[0][2]
+
+    q, z, n = sample(symbols)
+    p, saved = _search(q, z, K)
+    if offsets:
+        q, z, n = sample(offsets)
+        with_o = np.concatenate([p, _offsets(q, z, p, K, steps)], 1)
+        before, after = _lengths(q, z, p, K), _lengths(q, z, with_o, K)
+        p = np.where((after < before)[:, None], with_o, np.pad(p, ((0, 0), (0, 6 * K))))
+        saved = _lengths(q, z, np.zeros_like(p[:, :4]), K) - np.minimum(before, after)
+    return torch.from_numpy(p) if int(saved.sum()) * n // z.shape[1] > (8 * p.size + MARGIN_BITS) << 16 else None
 
 
 def to_bytes(params: Params, C: int) -> bytes:
@@ -127,8 +192,9 @@ def to_bytes(params: Params, C: int) -> bytes:
     return bytes(out)
 
 
-def from_bytes(data: bytes, levels: int, C: int) -> tuple[Params, int]:
-    """The block at the start of a tile stream: (parameters, bytes it took)."""
+def from_bytes(data: bytes, levels: int, C: int, width: int = 4) -> tuple[Params, int]:
+    """The block at the start of a tile stream: (parameters, bytes it took); ``width`` parameters per channel
+    (4, or 4 + 6K in version 6)."""
     r = Reader(data, "tile stream")
     mask = r.varint()
     if mask >> (3 * levels):
@@ -136,6 +202,6 @@ def from_bytes(data: bytes, levels: int, C: int) -> tuple[Params, int]:
     params = {}
     for bit in range(3 * levels):
         if mask >> bit & 1:
-            block = bytearray(r.take(4 * C))
-            params[bit // 3, bit % 3] = torch.frombuffer(block, dtype=torch.int8).long().view(C, 4)
+            block = bytearray(r.take(width * C))
+            params[bit // 3, bit % 3] = torch.frombuffer(block, dtype=torch.int8).long().view(C, width)
     return params, r.pos

@@ -149,6 +149,7 @@ class Totals:
 class Result:
     model_name: str
     model_sha256: str
+    effort: int = 5
     images: list[dict] = field(default_factory=list)
     subpixels: int = 0
     nll_bits: float = 0.0
@@ -174,6 +175,7 @@ class Result:
         o = self.ours
         return {
             "model": {"name": self.model_name, "sha256": self.model_sha256},
+            "effort": self.effort,
             "images": self.images,
             "total": {
                 "images": len(self.images),
@@ -223,7 +225,7 @@ class Result:
             lines.append(f"{LABELS[name]:<20} {bpd:7.3f} {r} {enc:9.3f} {dec:9.3f}  {'yes' if exact else 'NO'}")
         lines.append(
             f"{len(self.images)} images, {self.subpixels:,} sub-pixels; model {self.model_name} "
-            f"({self.model_sha256[:16]}), NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
+            f"({self.model_sha256[:16]}), effort {self.effort}, NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
         )
         if self.process_subpixels:
             mb, p = self.process_subpixels / 1e6, self.process
@@ -254,11 +256,12 @@ def run(
     device: str = "cpu",
     progress: Callable[[dict | None], None] | None = None,
     process: int = 0,
+    effort: int = codec.DEFAULT_EFFORT,
 ) -> Result:
-    """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` and the baselines; the
-    first ``process`` images also as whole CLI processes. ``progress`` gets each image's record once it is done
-    (None for an image skipped)."""
-    res = Result(model.name, model.sha256.hex())
+    """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` at ``effort`` and the
+    baselines; the first ``process`` images also as whole CLI processes. ``progress`` gets each image's record
+    once it is done (None for an image skipped)."""
+    res = Result(model.name, model.sha256.hex(), effort)
     codecs = {}
     for name in compare:
         fns, why = _probe(name)
@@ -275,7 +278,7 @@ def run(
             if progress:
                 progress(None)
             continue
-        (data, stats), enc_s = _timed(codec.compress_with_stats, im, model, codec.DEFAULT_TILE, device)
+        (data, stats), enc_s = _timed(codec.compress_with_stats, im, model, codec.DEFAULT_TILE, device, None, effort)
         try:
             back, dec_s = _timed(codec.decompress, data, model, device)
             exact = same_image(back, im)
@@ -305,7 +308,7 @@ def run(
             }
         )
         if len(res.images) <= process:
-            _whole_processes(res, im, data, model, device)
+            _whole_processes(res, im, data, model, device, effort)
         a = np.asarray(im)
         theirs = res.images[-1]["baselines"] = {}
         for name, (enc, dec) in codecs.items():
@@ -324,7 +327,7 @@ def run(
     return res
 
 
-def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, device: str) -> None:
+def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, device: str, effort: int) -> None:
     """Time ``idfzip compress`` and ``idfzip decompress`` of ``im`` as new processes (same model, device and
     thread count) and check them against the in-process file ``data``; adds to the last image's record."""
     import torch
@@ -334,7 +337,8 @@ def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, de
         src, packed, back = Path(d, "in.png"), Path(d, "in.idfz"), Path(d, "back.png")
         im.save(src)
         times = []
-        for args in (["compress", *shared, "-q", "-o", packed, src], ["decompress", *shared, "-o", back, packed]):
+        compress = ["compress", *shared, "-e", str(effort), "-q", "-o", packed, src]
+        for args in (compress, ["decompress", *shared, "-o", back, packed]):
             t = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "idfzip.cli", *map(str, args)], capture_output=True, text=True)
             times.append(time.perf_counter() - t)

@@ -27,6 +27,7 @@ from .errors import IdfzipError
 from .imagefile import IMAGE_SUFFIXES, MAX_INPUT_BYTES, decode_image, read_input
 
 DEFAULT_TILE = 1024  # = codec.DEFAULT_TILE, which needs torch to import; a test checks they agree
+DEFAULT_EFFORT = 5  # = codec.DEFAULT_EFFORT, likewise
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
 LOSSLESS_SUFFIXES = {
     ".png": "PNG",
@@ -409,11 +410,19 @@ def _check_rm(keep: bool, rm: bool, pairs) -> None:
     show_default=True,
     help="Tile side in pixels (a multiple of the model's 2**levels).",
 )
+@click.option(
+    "-e",
+    "--effort",
+    type=click.IntRange(1, 9),
+    default=DEFAULT_EFFORT,
+    show_default=True,
+    help="1 fastest .. 9 smallest: how hard the encoder fits the model to each image (decoding costs the same).",
+)
 @click.option("--verify", is_flag=True, help="Decode the result and confirm it is identical before writing it.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print the coding method, model NLL and time.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def compress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, tile, verify, verbose):
+def compress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, tile, effort, verify, verbose):
     """Compress images to .idfz (INPUT.png -> INPUT.idfz; '-': stdin to stdout)."""
     pairs = _targets(_expand(inputs, recursive, IMAGE_SUFFIXES), output, out_dir, to_stdout, lambda s: ".idfz")
     _check_rm(keep, rm, pairs)
@@ -431,7 +440,7 @@ def compress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive
         t0 = time.perf_counter()
         with _progress(im.width * im.height, labels[src], verbose) as bar:
             out, st = codec.compress_with_stats(
-                im, ctx.obj["model"], tile=tile, device=ctx.obj["device"], progress=bar.update
+                im, ctx.obj["model"], tile=tile, device=ctx.obj["device"], progress=bar.update, effort=effort
             )
         dt = time.perf_counter() - t0
         if verify:
@@ -581,7 +590,11 @@ def info(inputs, as_json, quiet, verbose):
             grid = "1 (the whole image)" if d["tiles"] == 1 else f"{d['tiles']} of {d['tile']}x{d['tile']}"
             lines.append(f"tiles:       {grid}, {d['flow_bytes']} bytes")
             if d["adapted_tiles"]:
-                lines.append(f"adapted:     {d['adapted_tiles']} of {d['tiles']} tiles (priors fitted to the image)")
+                how = "4 numbers and per-component offsets" if d["version"] >= 6 else "4 numbers"
+                lines.append(
+                    f"adapted:     {d['adapted_tiles']} of {d['tiles']} tiles, {d['adapted_slots']} slots "
+                    f"(priors fitted to the image: {how} per slot and channel)"
+                )
             if verbose:
                 sizes = [len(t) for t in Container.from_bytes(data).tiles]
                 lines.append(f"tile bytes:  {' '.join(map(str, sizes))} (row-major)")
@@ -716,11 +729,14 @@ def train(
     show_default=True,
     help="Also time the first N images as whole 'idfzip compress' / 'decompress' processes (0: none).",
 )
+@click.option(
+    "-e", "--effort", type=click.IntRange(1, 9), default=DEFAULT_EFFORT, show_default=True, help="idfzip's effort."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar: the table (and errors) only.")
 @click.option("-v", "--verbose", is_flag=True, help="Also a line per image as it is done.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def bench(ctx, paths, compare, json_path, plot_path, limit, process, quiet, verbose):
+def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, quiet, verbose):
     """Bits per sub-pixel and speed of idfzip beside classical codecs, on PATHS (folders, images, zips)."""
     import json
 
@@ -755,7 +771,7 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process, quiet, verb
             )
 
     with bar:
-        res = bm.run(sources, model, names, ctx.obj["device"], progress=progress, process=process)
+        res = bm.run(sources, model, names, ctx.obj["device"], progress=progress, process=process, effort=effort)
     if not res.images:
         raise IdfzipError("no image could be benchmarked (" + "; ".join(res.skipped_images.values()) + ")")
     click.echo(res.table())

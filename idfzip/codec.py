@@ -31,6 +31,35 @@ THIN = 16  # so do images narrower or shorter than this: padding to the model's 
 
 Progress = Callable[[float], None] | None  # called with the pixels done since the last call (fractions too)
 
+EFFORTS = range(1, 10)
+DEFAULT_EFFORT = 5
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How the encoder fits a tile's adaptation (idfzip.adapt): the 4-parameter search on about ``symbols``
+    symbols per stream (0: no adaptation); ``offsets`` > 0 also fits per-component offsets on about that many
+    (format version 6)."""
+
+    symbols: int
+    offsets: int = 0
+    steps: int = 0  # of the offsets' fit
+
+
+def fit_plan(effort: int) -> FitPlan:
+    """Effort 1: no adaptation (fastest encode); 2-3: the search on half the usual sample; 4-6 (default 5): the
+    usual; 7-9: also offsets and gains, fitted on 2**12, 2**14 and 2**16 symbols per stream in 60, 60 and 120
+    steps. Decoding costs the same."""
+    if effort not in EFFORTS:
+        raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
+    if effort == 1:
+        return FitPlan(0)
+    if effort <= 3:
+        return FitPlan(adapt.FIT_SYMBOLS // 2)
+    if effort <= 6:
+        return FitPlan(adapt.FIT_SYMBOLS)
+    return FitPlan(adapt.FIT_SYMBOLS, 1 << (12 + 2 * (effort - 7)), 120 if effort == 9 else 60)
+
 
 @dataclass
 class Stats:
@@ -190,21 +219,21 @@ class _Tile:
             return _mixture([raws[c]], None if p is None else p[c : c + 1], self.K, self.portable)
         return _mixture(raws, p, self.K, self.portable)
 
-    def fit(self, level: int, j: int) -> None:
+    def fit(self, level: int, j: int, plan: FitPlan) -> None:
         """Encoder: fit slot j of level l's adaptation to its passes (idfzip.adapt), stored in params."""
         passes = range(self.flow.passes)
         segments = [(self.symbols(Segment(level, j, g)), self.channel_raws(level, j, g)) for g in passes]
-        p = adapt.fit_slot(segments, self.C, self.K)
+        p = adapt.fit_slot(segments, self.C, self.K, plan.symbols, plan.offsets, plan.steps)
         if p is not None:
             self.params[level, j] = p
 
 
 @torch.no_grad()
 def _encode_tile(
-    model: Model, rgb: np.ndarray, device: str, version: int, fit: bool = True, progress: Progress = None
+    model: Model, rgb: np.ndarray, device: str, version: int, plan: FitPlan, progress: Progress = None
 ) -> tuple[adapt.Params, bytes, float]:
-    """(adaptation parameters, entropy-coded stream, its ideal length in bits). ``fit``: fit the adaptation.
-    ``progress`` gets the tile's pixels in shares, segment by segment."""
+    """(adaptation parameters, entropy-coded stream, its ideal length in bits); ``plan``: how to fit the
+    adaptation. ``progress`` gets the tile's pixels in shares, segment by segment."""
     flow = model.flow
     m = flow.multiple
     H, W = -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m
@@ -214,9 +243,9 @@ def _encode_tile(
     fitted = set()
     share = rgb.shape[0] * rgb.shape[1] / _symbols(flow, H, W)
     for seg in reversed(schedule(flow)):
-        if fit and seg.level < flow.config.levels and (seg.level, seg.slot) not in fitted:
+        if plan.symbols and seg.level < flow.config.levels and (seg.level, seg.slot) not in fitted:
             fitted.add((seg.level, seg.slot))
-            tile.fit(seg.level, seg.slot)
+            tile.fit(seg.level, seg.slot, plan)
         z = tile.symbols(seg)
         enc.push(z, tile.mixture(seg))
         if progress:
@@ -246,7 +275,8 @@ def _decode_tile(
     H, W = -(-h // m) * m, -(-w // m) * m
     params: adapt.Params = {}
     if adapted:
-        params, n = adapt.from_bytes(data, flow.config.levels, flow.config.channels)
+        width = 4 + 6 * flow.config.mixtures if version >= 6 else 4
+        params, n = adapt.from_bytes(data, flow.config.levels, flow.config.channels, width)
         data = data[n:]
     portable = version >= 4
     if portable and _symbols(flow, H, W) > max_symbols(len(data)):
@@ -276,14 +306,14 @@ def _encode_rgb(
     tile: int,
     device: str,
     version: int,
-    fit: bool,
+    plan: FitPlan,
     progress: Progress,
 ) -> tuple[list[bytes], bool, float]:
     """(tile streams, whether they start with adaptation blocks, ideal code length in bits)."""
     h, w = rgb.shape[:2]
     coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
-        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, fit, progress)
+        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, plan, progress)
         coded.append((params, s))
         bits += b
     # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
@@ -298,10 +328,11 @@ def compress_with_stats(
     tile: int = DEFAULT_TILE,
     device: str = "cpu",
     progress: Progress = None,
-    adaptive: bool = True,
+    effort: int = DEFAULT_EFFORT,
 ) -> tuple[bytes, Stats]:
     """Compress ``image`` (PIL image or numpy array); return the .idfz bytes and what was measured.
-    ``adaptive``: fit each tile's prior adaptation (idfzip.adapt); off, the file is written without it."""
+    ``effort`` 1..9 (``EFFORTS``): how hard the encoder fits each tile's prior adaptation (idfzip.adapt)."""
+    plan = fit_plan(effort)
     im = as_image(image)
     im.load()
     if not (1 <= im.width <= MAX_SIDE and 1 <= im.height <= MAX_SIDE) or im.width * im.height > MAX_PIXELS:
@@ -338,7 +369,9 @@ def compress_with_stats(
         c.tile = 0 if max(im.width, im.height) <= tile else tile
         # a calibrated model runs its networks in integer arithmetic (version 5); others write version 4
         c.version = 5 if mdl.flow.integer else 4
-        c.tiles, c.adapted, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, c.version, adaptive, progress)
+        c.tiles, c.adapted, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, c.version, plan, progress)
+        if c.adapted and plan.offsets:  # the adaptation blocks carry offsets
+            c.version = 6
         stats.flow_bytes = sum(len(t) for t in c.tiles)
         stats.method = f"flow:{mdl.name}"
     if rest is not None and not flat:
@@ -354,9 +387,11 @@ def compress_with_stats(
     return data, stats
 
 
-def compress(image, model: str | Model | None = None, tile: int = DEFAULT_TILE, device: str = "cpu") -> bytes:
-    """Compress a PIL image or numpy array to .idfz bytes."""
-    return compress_with_stats(image, model, tile, device)[0]
+def compress(
+    image, model: str | Model | None = None, tile: int = DEFAULT_TILE, device: str = "cpu", effort: int = DEFAULT_EFFORT
+) -> bytes:
+    """Compress a PIL image or numpy array to .idfz bytes; ``effort`` 1..9 trades encoding time for size."""
+    return compress_with_stats(image, model, tile, device, effort=effort)[0]
 
 
 def decompress(

@@ -15,8 +15,8 @@ from .errors import CorruptFileError, UnsupportedVersionError
 from .registry import shipped_name
 
 MAGIC = b"IDZ"
-VERSION = 5  # what writers write (4 with a model never calibrated for the integer mode)
-READ_VERSIONS = (1, 2, 3, 4, 5)  # what readers read
+VERSION = 5  # what writers write (4 with a model never calibrated; 6 at efforts that send adaptation offsets)
+READ_VERSIONS = (1, 2, 3, 4, 5, 6)  # what readers read
 MAX_SIDE = 1 << 20
 MAX_PIXELS = 1 << 28
 MAX_TILE = 1 << 14
@@ -277,6 +277,7 @@ def inspect(data: bytes) -> dict:
         "tiles": len(c.tiles),
         "flow_bytes": sum(len(t) for t in c.tiles),
         "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0") if c.adapted else 0,  # mask varint 0: not
+        "adapted_slots": sum(bin(Reader(t, "tile stream").varint()).count("1") for t in c.tiles) if c.adapted else 0,
         "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},
         "meta_bytes": len(c.meta or b""),
         "crc32": f"{c.crc32:08x}",

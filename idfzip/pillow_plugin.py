@@ -54,10 +54,11 @@ class IdfzImageFile(ImageFile.ImageFile):
 
 
 def _save(im: Image.Image, fp, filename) -> None:
-    from .codec import DEFAULT_TILE, compress
+    from .codec import DEFAULT_EFFORT, DEFAULT_TILE, compress
 
     opts = im.encoderinfo
-    fp.write(compress(im, opts.get("model"), tile=opts.get("tile", DEFAULT_TILE), device=opts.get("device", "cpu")))
+    tile, effort = opts.get("tile", DEFAULT_TILE), opts.get("effort", DEFAULT_EFFORT)
+    fp.write(compress(im, opts.get("model"), tile=tile, device=opts.get("device", "cpu"), effort=effort))
 
 
 def register() -> None:

@@ -179,11 +179,18 @@ def adapt_int(q: np.ndarray, p: np.ndarray, K: int, axis: int = 0) -> np.ndarray
     """Quantised parameters q [logits(K), means(K), log-scales(K)] along ``axis`` transformed by p = (a, b, d, t)
     along the same axis (broadcast against q otherwise; idfzip.adapt): logits * (64 + t) / 64, means *
     (64 + d) / 64, log-scales * (64 + a) / 64 + b / 64, each product floored. |q| <= 2**40 and |64 + p| < 2**8,
-    so no product reaches 2**48."""
+    so no product reaches 2**48. With 6K more entries in p (version 6), offsets o = p[4 : 4 + 3K] and gains
+    g = p[4 + 3K :], each parameter x_i then becomes floor(x_i * (64 + g_i) / 64) + o_i / 64 (|64 + g| < 2**8:
+    products below 2**51)."""
     q = np.moveaxis(q, axis, 0)
-    a, b, d, t = np.moveaxis(p, axis, 0)[:, None]
+    p = np.moveaxis(p, axis, 0)
+    a, b, d, t = p[:4, None]
     lg, mu, ls = q[:K], q[K : 2 * K], q[2 * K :]
     out = np.concatenate([(lg * (64 + t)) >> 6, (mu * (64 + d)) >> 6, ((ls * (64 + a)) >> 6) + (b << (PARAM_FRAC - 6))])
+    if len(p) > 4 + 3 * K:
+        out = (out * (64 + p[4 + 3 * K :])) >> 6
+    if len(p) > 4:
+        out += p[4 : 4 + 3 * K] << (PARAM_FRAC - 6)
     return np.moveaxis(out, 0, axis)
 
 
@@ -208,12 +215,12 @@ class IntMixture:
 
     def __init__(self, raw: torch.Tensor, K: int, params: torch.Tensor | None = None):
         """raw (B, C*3K, ...) network outputs of C channels (each [logits, means, log-scales]); params (C, 4)
-        integer adaptation per channel, or None."""
+        (version 6: or (C, 4 + 6K)) integer adaptation per channel, or None."""
         B, C3K = raw.shape[:2]
         C = C3K // (3 * K)
         q = quantize(raw.reshape(B, C, 3 * K, -1).transpose(1, 2))  # (B, 3K, C, positions)
         if params is not None and bool(params.any()):
-            q = adapt_int(q, params.long().cpu().numpy().T.reshape(1, 4, C, 1), K, axis=1)
+            q = adapt_int(q, params.long().cpu().numpy().T.reshape(1, -1, C, 1), K, axis=1)
         self._set(q.transpose(1, 0, 2, 3).reshape(3 * K, -1), K)
 
     @classmethod

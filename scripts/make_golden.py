@@ -1,4 +1,4 @@
-"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled}.idfz from the PNGs
+"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7}.idfz from the PNGs
 beside them, with the shipped `natural` model (tests/test_golden.py decodes them and requires re-encoding to
 give the same bytes). Run only when the container version changes; never to make a failing test pass.
 
@@ -14,10 +14,11 @@ from PIL import Image
 import idfzip
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
-FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}}  # name -> compress options
+FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}}  # name -> compress options
+# rgb_e7.idfz (version 6: adaptation with offsets) is written from rgb.png
 
 if __name__ == "__main__":
     for name, kw in FILES.items():
-        data = idfzip.compress(Image.open(GOLDEN / f"{name}.png"), "natural", **kw)
+        data = idfzip.compress(Image.open(GOLDEN / f"{name.split('_')[0]}.png"), "natural", **kw)
         (GOLDEN / f"{name}.idfz").write_bytes(data)
         print(name, len(data), idfzip.inspect(data))

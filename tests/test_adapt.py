@@ -53,7 +53,7 @@ def test_block_layout():
 
 def test_adaptation_saves_bytes_and_decodes_exactly(tiny_ar):
     im = Image.fromarray(photo(96, 64, seed=2))
-    plain, st0 = idfzip.codec.compress_with_stats(im, tiny_ar, adaptive=False)
+    plain, st0 = idfzip.codec.compress_with_stats(im, tiny_ar, effort=1)
     fitted, st1 = idfzip.codec.compress_with_stats(im, tiny_ar)
     assert not Container.from_bytes(plain).adapted and Container.from_bytes(fitted).adapted
     assert len(fitted) < len(plain) and st1.nll_bits < st0.nll_bits
@@ -66,9 +66,9 @@ def test_tiles_with_and_without_adaptation(tiny, monkeypatch):
     calls = []
     fit_slot = adapt.fit_slot
 
-    def every_other_tile(segments, C, K):  # tiny has 2 levels of 3 slots: calls 6i to 6i + 5 are tile i's
+    def every_other_tile(segments, C, K, *plan):  # tiny has 2 levels of 3 slots: calls 6i to 6i + 5 are tile i's
         calls.append(1)
-        return fit_slot(segments, C, K) if (len(calls) - 1) // 6 % 2 == 0 else None
+        return fit_slot(segments, C, K, *plan) if (len(calls) - 1) // 6 % 2 == 0 else None
 
     monkeypatch.setattr(adapt, "fit_slot", every_other_tile)
     im = Image.fromarray(photo(192, 192, seed=5))
@@ -99,3 +99,65 @@ def test_a_changed_parameter_is_an_error_never_wrong_pixels(tiny):
         bad.tiles = [bytes(block)]
         with pytest.raises(CorruptFileError):
             idfzip.decompress(bad.to_bytes(), tiny)
+
+
+def test_offsets_and_gains_in_integers():
+    """Version 6's 6K extra numbers per channel: x' = floor(x (64 + g) / 64) + o * 2**10 after (a, b, d, t)."""
+    from idfzip.priors import adapt_int
+
+    K = 2
+    q = np.arange(6 * 5, dtype=np.int64).reshape(6, 5) * 12345 - 99999
+    p4 = np.array([3, -7, 5, 2])
+    o, g = np.array([1, -2, 3, -4, 5, -6]), np.array([-48, 64, 0, 7, -1, 30])
+    base = adapt_int(q, p4[:, None], K)
+    out = adapt_int(q, np.concatenate([p4, o, g])[:, None], K)
+    assert np.array_equal(out, ((base * (64 + g[:, None])) >> 6) + (o[:, None] << 10))
+    assert np.array_equal(adapt_int(q, np.concatenate([p4, 0 * o, 0 * g])[:, None], K), base)
+
+
+def test_offsets_find_a_shifted_component():
+    """Symbols whose mean sits 1.5 above the prior's on one stream: the fit moves that mean, and the stream
+    gets cheaper; another stream the prior already fits keeps (nearly) nothing."""
+    K, n = 1, 20_000
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(2, n, generator=g) * 10.0
+    u = torch.rand(2, n, generator=g).clamp(1e-6, 1 - 1e-6)
+    z = torch.round(mu + torch.tensor([[1.5], [0.0]]) + torch.log(u / (1 - u)))
+    q = torch.floor(torch.stack([torch.zeros(2, n), mu, torch.zeros(2, n)], 1).double() * 2**16).long().numpy()
+    p = np.zeros((2, 4), dtype=np.int64)
+    fitted = adapt._offsets(q, z.long().numpy(), p, K)
+    o = fitted[:, :3]
+    assert abs(o[0, 1] - 96) <= 8 and abs(o[1, 1]) <= 4  # 1.5 = 96/64
+    full = np.concatenate([p, fitted], 1)
+    assert (adapt._lengths(q, z.long().numpy(), full, K) < adapt._lengths(q, z.long().numpy(), p, K))[0]
+
+
+@pytest.fixture(scope="module")
+def tiled_photo(tiny):
+    """A 160x96 photo in tiles of 96 (96x96 and 64x96: both large enough to adapt) and its effort-1 file."""
+    im = Image.fromarray(photo(160, 96, seed=3))
+    return im, idfzip.compress(im, tiny, tile=96, effort=1)
+
+
+@pytest.mark.parametrize("effort", range(1, 10))
+def test_every_effort_round_trips(tiny, tiled_photo, effort):
+    """Every effort decodes exactly, tiled and (for one effort of each kind) as one tile; effort 1 fits nothing,
+    efforts 7-9 write version 6, and no effort writes a larger file than effort 1."""
+    im, plain = tiled_photo
+    data = idfzip.compress(im, tiny, tile=96, effort=effort)
+    c = Container.from_bytes(data)
+    assert len(c.tiles) == 2 and c.adapted == (effort > 1) and c.version == (6 if effort >= 7 else 5)
+    assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
+    assert len(data) <= len(plain)
+    if effort in (1, 2, 5, 7):
+        small = im.crop((0, 0, 96, 72))
+        assert idfzip.decompress(idfzip.compress(small, tiny, effort=effort), tiny).tobytes() == small.tobytes()
+
+
+def test_high_effort_is_smaller_with_channel_autoregression(tiny_ar):
+    im = Image.fromarray(photo(96, 96, seed=4))
+    default, high = idfzip.compress(im, tiny_ar), idfzip.compress(im, tiny_ar, effort=7)
+    assert Container.from_bytes(high).version == 6 and len(high) < len(default)
+    assert idfzip.decompress(high, tiny_ar).tobytes() == im.tobytes()
+    with pytest.raises(idfzip.IdfzipError, match="effort must be 1..9"):
+        idfzip.compress(im, tiny_ar, effort=10)

@@ -147,3 +147,21 @@ def test_bad_arguments(tiny, tmp_path):
         )
     r = runner.invoke(cli, ["bench", str(tmp_path), "--compare", "gif"])
     assert r.exit_code != 0 and "unknown codec" in r.output
+
+
+def test_effort_reaches_the_codec_and_the_whole_processes(tiny, tmp_path):
+    """bench -e 7: the in-process files are effort 7's (version 6, adapted), the whole-process compress gets the
+    same effort (its file must be the same bytes), and the JSON and table say so."""
+    import idfzip
+
+    src = tmp_path / "p.png"
+    Image.fromarray(photo(128, 96, seed=6)).save(src)
+    out = tmp_path / "r.json"
+    args = ["bench", str(src), "--model", tiny.path, "--compare", "none", "--json", str(out), "-e", "7"]
+    r = CliRunner().invoke(cli, [*args, "--process", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    data = idfzip.compress(Image.open(src), tiny, effort=7)
+    assert idfzip.inspect(data)["version"] == 6
+    assert res["effort"] == 7 and res["images"][0]["bytes"] == len(data) and res["images"][0]["process_exact"]
+    assert "effort 7" in r.output

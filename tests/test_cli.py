@@ -328,6 +328,7 @@ def test_quick_commands_do_not_import_torch(args):
 
     assert compress is codec.compress  # the lazy names are the codec's
     assert cli_module.DEFAULT_TILE == codec.DEFAULT_TILE
+    assert cli_module.DEFAULT_EFFORT == codec.DEFAULT_EFFORT
 
 
 def test_shared_options_go_before_or_after_the_subcommand(tiny, tmp_path):

@@ -297,3 +297,23 @@ def test_binary_output_never_goes_to_a_terminal(tiny, tmp_path):
         os.close(slave)
         os.close(master)
     assert r.returncode == 1 and b"stdout is a terminal" in r.stderr
+
+
+def test_effort_option_and_info(run, tmp_path):
+    """-e/--effort 1..9 on compress (1: no adaptation; 7: version 6 with offsets, named by info); out of range
+    is a usage error."""
+    src = tmp_path / "p.png"
+    Image.fromarray(photo(128, 96, seed=6)).save(src)
+    sizes = {}
+    for e in (1, 7):
+        r = run("compress", "-e", e, "-o", tmp_path / f"e{e}.idfz", src)
+        assert r.exit_code == 0, r.output
+        sizes[e] = (tmp_path / f"e{e}.idfz").stat().st_size
+        r = run("decompress", "-t", tmp_path / f"e{e}.idfz")
+        assert r.exit_code == 0, r.output
+    assert sizes[7] < sizes[1]
+    r = run("info", tmp_path / "e7.idfz")
+    assert "version 6" in r.output and "per-component offsets" in r.output
+    assert "adapted" not in run("info", tmp_path / "e1.idfz").output
+    r = run("compress", "--effort", "10", src)
+    assert r.exit_code == 2 and "10 is not in the range 1<=x<=9" in r.output

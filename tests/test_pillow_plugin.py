@@ -7,7 +7,7 @@ from conftest import assert_same
 from PIL import Image
 from test_codec import _modes
 
-import idfzip  # noqa: F401  (importing idfzip registers the format)
+import idfzip  # importing idfzip registers the format
 
 
 @pytest.mark.parametrize("name,im", list(_modes()), ids=[n for n, _ in _modes()])
@@ -36,3 +36,14 @@ def test_a_damaged_file_is_an_oserror(tiny, tmp_path):
     with Image.open(io.BytesIO(bytes(bad))) as back, pytest.raises(OSError, match="CRC"):
         back.load()
     assert Image.registered_extensions()[".idfz"] == "IDFZ"
+
+
+def test_effort_as_a_save_parameter(tiny, tmp_path):
+    from conftest import photo
+
+    im = Image.fromarray(photo(128, 96, seed=6))
+    for effort, version in ((1, 5), (7, 6)):
+        path = tmp_path / f"e{effort}.idfz"
+        im.save(path, model=tiny.path, effort=effort)
+        assert idfzip.inspect(path.read_bytes())["version"] == version
+        assert_same(im, idfzip.decompress(path.read_bytes(), tiny))  # (Image.open knows shipped models only)
