@@ -149,7 +149,7 @@ class Totals:
 class Result:
     model_name: str
     model_sha256: str
-    effort: int = 5
+    effort: int = codec.DEFAULT_EFFORT
     images: list[dict] = field(default_factory=list)
     subpixels: int = 0
     nll_bits: float = 0.0
