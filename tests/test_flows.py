@@ -123,6 +123,9 @@ def test_integer_mode_is_independent_of_strips_threads_and_batching(monkeypatch,
         assert torch.equal(full, net.exact(x, integer=True))
     finally:
         torch.set_num_threads(threads)
+    for fast in (True, False):  # int8 products, or float32 products of the same values (CPUs without VNNI)
+        monkeypatch.setattr(nets, "_INT8_FAST", fast)
+        assert torch.equal(full, net.exact(x, integer=True))
     # 8-bit activations in calibrated units: close to the float32 training path
     ref = net(x.float()).detach()
     assert (full.float() - ref).abs().mean() <= 0.02 * ref.abs().mean()
@@ -144,6 +147,7 @@ def test_integer_products_agree_on_every_kernel():
     assert torch.equal(nets._imm(a, w).long(), ref)
     r = nets._imm_float(a, w).long()
     assert torch.equal(128 * r[:, :48] + r[:, 48:], ref)
+    assert torch.equal(nets._imm(a.float(), w).long(), ref)  # the float32 buffers of CPUs without VNNI
     assert torch.equal(nets._halves(128 * hi.long() + lo.long()), w)
 
 

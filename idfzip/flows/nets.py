@@ -11,8 +11,9 @@ Why the integer mode is exact on every machine: a calibrated net stores, per hid
 clamped; folding those powers of two into the weights is exact. The first 3x3 layer (integer inputs) runs in
 float64 as below; each further layer's weights are integers below INT_WEIGHT_MAX on a power-of-two grid per
 output channel, split into two int8 halves, and meet the activations (offset by -128 into int8) in int8 x int8
-matrix products with int32 sums (``torch._int_mm``; elsewhere float32 products of the same int8 values, whose
-sums stay below 2**24 and so are exact). Every sum is bounded below 2**31 (checked in ``freeze``), so the
+matrix products with int32 sums (``torch._int_mm`` on CPUs where it is fast; elsewhere, GPUs and CPUs without
+VNNI-class int8 instructions, float32 products of the same int8 values, whose sums stay below 2**24 and so
+are exact). Every sum is bounded below 2**31 (checked in ``freeze``), so the
 result is the same integers in any summation order, on any instruction set, thread count or device. The
 element-wise steps (float64 rounding of the first layer, the output's scaling and bias) are single IEEE
 operations, correctly rounded everywhere.
@@ -30,6 +31,7 @@ integer input, and spatial chunking (``exact`` works in horizontal strips of row
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -152,50 +154,118 @@ def _halves(q: torch.Tensor) -> torch.Tensor:
     return torch.cat([q >> 7, q & 127], 1).to(torch.int8).contiguous()
 
 
-def _imm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ (128 hi + lo) for int8 a and w = [hi | lo] (``_halves``), as exact int32 (a view): int8 products with
-    int32 sums on the CPU; elsewhere float32 products of the same values (|a|, |hi|, |lo| <= 128, at most 2**10
-    terms: sums below 2**24, exact in any order; TF32 is turned off)."""
-    r = torch._int_mm(a, w) if a.device.type == "cpu" else _imm_float(a, w)
-    n = w.shape[1] // 2
+_INT8_FAST: bool | None = None  # whether torch._int_mm beats float32 products on this CPU (``_int8_fast``)
+
+
+def _int8_fast() -> bool:
+    """Whether the CPU's int8 products (``torch._int_mm``) are faster than float32 products of the same values.
+    With VNNI-class instructions int8 wins by 2-4x; without (AVX2 CPUs such as AMD Zen 2/3, older Intel) its
+    fallback kernel is about 20x slower than float32. Both give the same integers, so this choice, made once
+    per process by timing both on a small product, changes only the speed."""
+    global _INT8_FAST
+    if _INT8_FAST is None:
+        import time
+
+        a = torch.ones(2048, 432, dtype=torch.int8)
+        w = torch.ones(432, 96, dtype=torch.int8)
+        af, wf = a.float(), w.float()
+
+        def best(f) -> float:
+            f()  # the first call may set up the kernel
+            times = []
+            for _ in range(2):
+                t = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        _INT8_FAST = best(lambda: torch._int_mm(a, w)) <= best(lambda: af @ wf)
+    return _INT8_FAST
+
+
+def _combine(r: torch.Tensor) -> torch.Tensor:
+    """Products with the weight halves [hi | lo] (int32, exact) -> the products with 128 hi + lo (a view)."""
+    n = r.shape[1] // 2
     return r[:, :n].mul_(128).add_(r[:, n:])
 
 
+def _imm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ (128 hi + lo) for a and w = [hi | lo] (``_halves``, int8), as exact int32 (a view): int8 products
+    with int32 sums when a is int8 on the CPU; otherwise float32 products of the same values (a may be float32
+    already; |a|, |hi|, |lo| <= 128, at most 2**10 terms: sums below 2**24, exact in any order; TF32 and
+    reduced-precision products are turned off)."""
+    if a.dtype == torch.int8 and a.device.type == "cpu":
+        return _combine(torch._int_mm(a, w))
+    with _float32_exact():
+        return _combine((a.float() @ w.float()).int())
+
+
 def _imm_float(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ [hi | lo] as float32 products, int32 (tests compare it with ``torch._int_mm``)."""
+    with _float32_exact():
+        return (a.float() @ w.float()).int()
+
+
+@contextmanager
+def _float32_exact():
+    """float32 matrix products in full precision inside (no TF32 or bfloat16 passes)."""
     prec = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        return (a.float() @ w.float()).int()
+        yield
     finally:
         torch.set_float32_matmul_precision(prec)
+
+
+def _conv_float(src: torch.Tensor, w: torch.Tensor, Wp: int, n: int) -> torch.Tensor:
+    """A 3x3 layer of ``_int_stack`` with float32 buffers: the nine shifted row ranges of ``src`` times w's
+    slices (rows dy, dx, input channel), accumulated in float32 (every partial sum a bounded integer below
+    2**24: exact in any order, ``_imm``), as int32 products with 128 hi + lo. No (positions, 9 C) gathered
+    matrix: 2.5x faster than one product with it on a 2-core AVX2 CPU (48 channels)."""
+    C = src.shape[1]
+    wf = w.float()
+    y = src[:n] @ wf[:C]
+    for k in range(1, 9):
+        off = (k // 3) * Wp + k % 3
+        y.addmm_(src[off : off + n], wf[k * C : (k + 1) * C])
+    return _combine(y.int())
 
 
 def _int_stack(a: torch.Tensor, hidden: list, w_out: torch.Tensor, beta, scale, bias) -> torch.Tensor:
     """The hidden 3x3 layers and the output layer of the integer mode on first-layer activations ``a`` (B, C,
     H, W), int8 (activation - 128). Each image lives in a flat buffer of (H + 3) x (W + 2) positions by C
-    channels as in ``_hidden_stack`` (padding: activation 0, stored as -128); a layer gathers the nine shifted
-    row ranges into one (positions, 9 C) int8 matrix, multiplies it by the layer's weight halves, adds beta
+    channels as in ``_hidden_stack`` (padding: activation 0, stored as -128); a layer multiplies the nine
+    shifted row ranges by the layer's weight halves (with int8 buffers gathered into one (positions, 9 C)
+    matrix for ``torch._int_mm``; with float32 buffers, where that is slow, by ``_conv_float``), adds beta
     (bias, the offset's correction, half a unit), shifts right per channel and clamps to 0..255. The output
     layer gives (sum + beta) * scale + bias in float64 (B, out, H, W)."""
     B, C, H, W = a.shape
     Wp = W + 2
     n = H * Wp
+    # the buffers hold the int8 values as int8 where _int_mm is fast, else as float32 (the same numbers)
+    int8 = a.device.type == "cpu" and _int8_fast()
+    dt = torch.int8 if int8 else torch.float32
     out = torch.empty(B, w_out.shape[1] // 2, H, W, dtype=torch.float64, device=a.device)
-    for i in range(B):
-        src = torch.full(((H + 3) * Wp, C), -128, dtype=torch.int8, device=a.device)
-        src.view(H + 3, Wp, C)[1 : H + 1, 1 : W + 1] = a[i].permute(1, 2, 0)
-        dst = src.clone() if hidden else src
-        cols = torch.empty(n, 9 * C, dtype=torch.int8, device=a.device) if hidden else None
-        for w, b, shift in hidden:
-            for k in range(9):
-                off = (k // 3) * Wp + k % 3
-                cols[:, k * C : (k + 1) * C] = src[off : off + n]
-            y = _imm(cols, w).add_(b).bitwise_right_shift_(shift).clamp_(0, ACT_LEVELS).sub_(128)
-            y.view(H, Wp, C)[:, W:] = -128
-            dst[Wp + 1 : Wp + 1 + n] = y
-            src, dst = dst, src
-        r = _imm(src[Wp + 1 : Wp + 1 + n].contiguous(), w_out).add_(beta).double().mul_(scale).add_(bias)
-        out[i] = r.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
+    with _float32_exact():
+        for i in range(B):
+            src = torch.full(((H + 3) * Wp, C), -128, dtype=dt, device=a.device)
+            src.view(H + 3, Wp, C)[1 : H + 1, 1 : W + 1] = a[i].permute(1, 2, 0)
+            dst = src.clone() if hidden else src
+            cols = torch.empty(n, 9 * C, dtype=dt, device=a.device) if hidden and int8 else None
+            for w, b, shift in hidden:
+                if int8:
+                    for k in range(9):
+                        off = (k // 3) * Wp + k % 3
+                        cols[:, k * C : (k + 1) * C] = src[off : off + n]
+                    y = _imm(cols, w)
+                else:
+                    y = _conv_float(src, w, Wp, n)
+                y = y.add_(b).bitwise_right_shift_(shift).clamp_(0, ACT_LEVELS).sub_(128)
+                y.view(H, Wp, C)[:, W:] = -128
+                dst[Wp + 1 : Wp + 1 + n] = y
+                src, dst = dst, src
+            r = _imm(src[Wp + 1 : Wp + 1 + n].contiguous(), w_out).add_(beta).double().mul_(scale).add_(bias)
+            out[i] = r.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
     return out
 
 
