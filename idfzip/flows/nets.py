@@ -166,7 +166,7 @@ def _int8_fast() -> bool:
     if _INT8_FAST is None:
         import time
 
-        a = torch.ones(2048, 432, dtype=torch.int8)
+        a = torch.ones(512, 432, dtype=torch.int8)
         w = torch.ones(432, 96, dtype=torch.int8)
         af, wf = a.float(), w.float()
 
