@@ -9,7 +9,9 @@ as the escape entry. Version 4 has two stages: every symbol is first coded in it
 mixture outside the core, renormalised), grouped by tail width class in position order; versions 1-3 have one
 window. What escapes the last stage is sent raw as two 16-bit uniform symbols after all the categorical
 symbols of the segment. The decoder rebuilds exactly the same chunks in the same order, so the tables it
-builds are the encoder's.
+builds are the encoder's. (The version-4 encoder does not build the core stage's tables: it codes each symbol
+under a 3-entry row with the same cumulative frequency and frequency, ``IntMixture.symbol_rows``, which moves
+the coder's state exactly as the whole table would.)
 
 ANS is a stack: segments must be pushed to :class:`Encoder` in the reverse of the order in which
 :class:`Decoder` pops them.
@@ -136,6 +138,13 @@ class Encoder:
         ops = []
         entries = {width: _offsets(z, centre, pos, width) for width, pos in plan}
         escaped = [pos[entries[width] == width] for width, pos in plan]
+        if mix.portable and core is None:  # the core stage: each symbol's own frequencies, no whole tables
+            for width, pos in plan:
+                probs, i = mix.take(pos.numpy()).symbol_rows(centre[pos].numpy(), width, entries[width].numpy())
+                f = probs[np.arange(len(i)), i].astype(np.float64) + 1
+                self.bits -= float(np.log2(f / (1 << PROB_BITS)).sum())
+                ops.append((i, probs))
+            return ops, escaped
         done = dict.fromkeys(entries, 0)
         for pos, width, probs in _tables(mix, centre, plan, core):
             s = entries[width][done[width] : done[width] + len(pos)]

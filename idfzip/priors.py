@@ -333,6 +333,51 @@ class IntMixture:
             out[a:b] = f.T
         return torch.from_numpy(out)
 
+    def symbol_rows(self, centre: np.ndarray, width: int, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's shortcut to ``table``: per symbol, its entry s (0 .. width, the escape) as entry i of a
+        3-entry table (float32 (n, 3), i (n,) int32) that gives it the cumulative frequency K and frequency F
+        that row s of ``table`` gives it under constriction's +1 (entries e code as e + 1 out of 2**24), so the
+        coder's state moves exactly as with the full row: [F - 1, 2**24 - F - 2, 0] (i = 0, s = 0),
+        [K - 1, F - 1, 2**24 - K - F - 1] (i = 1) or [0, K - 2, F - 1] (i = 2, the escape). It needs the CDF
+        at edges 0, s, s + 1 and width only (``table``: width + 1 edges).
+
+        With G_j as in ``table``: f_s = G_{s+1} - G_s, the escape's f_w = total - (G_w - G_0), and at most one
+        entry can exceed MAX_FREQ (> total / 2). Where neither side of s holds more than MAX_FREQ, only s or
+        the escape can: s's excess goes to the escape, or the escape's to entry 0 (so K = G_s - G_0 plus that
+        excess for s > 0). Elsewhere (an unlikely s in a very peaked mixture) the row is taken from ``table``."""
+        n, m = len(centre), width + 1
+        total = (1 << PROB_BITS) - m
+        x0, dx = self._starts(centre - width // 2)
+        edges = np.stack([np.zeros_like(s), s, np.minimum(s + 1, width), np.full_like(s, width)])
+        g0, gs, gs1, gw = (_cdf(x0, dx, self.weights, edges) * total) >> (WEIGHT_BITS + SIG_BITS)
+        esc = s == width
+        f_w = total - (gw - g0)
+        f_s = np.where(esc, f_w, gs1 - gs)
+        over = np.maximum(f_s - MAX_FREQ, 0)  # s's own excess (to the escape, which then stays below)
+        f_s -= over
+        w_over = np.where(esc | (over > 0), 0, np.maximum(f_w - MAX_FREQ, 0))  # the escape's, to entry 0
+        f_s += np.where(s == 0, w_over, 0)
+        k = np.where(esc, total - f_s, gs - g0 + np.where(s > 0, w_over, 0)) + s
+        f = f_s + 1
+        other = np.flatnonzero((gs - g0 > MAX_FREQ) | (gw - gs1 > MAX_FREQ))
+        if len(other):
+            full = self.take(other).table(centre[other], width).numpy().astype(np.int64) + 1
+            so = s[other]
+            k[other] = np.where(np.arange(m) < so[:, None], full, 0).sum(1)
+            f[other] = full[np.arange(len(other)), so]
+        i = np.where(s == 0, 0, np.where(esc, 2, 1)).astype(np.int32)
+        top = 1 << PROB_BITS
+        rows = np.where(
+            (i == 0)[:, None],
+            np.stack([f - 1, top - f - 2, np.zeros_like(f)], 1),
+            np.where(
+                (i == 1)[:, None],
+                np.stack([k - 1, f - 1, top - k - f - 1], 1),
+                np.stack([np.zeros_like(f), k - 2, f - 1], 1),
+            ),
+        )
+        return rows.astype(np.float32), i
+
     def tail_table(self, centre: torch.Tensor, core: torch.Tensor, width: int) -> torch.Tensor:
         """The second stage, for symbols that escaped their core window (``core``: its widths, per row): (n,
         width + 1) frequencies of z = centre - width/2 + j for j < width given that z lies outside the core

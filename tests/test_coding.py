@@ -109,6 +109,32 @@ def test_constriction_codes_the_integer_frequencies_exactly():
     assert abs(8 * len(data) - enc.bits - 32) < 64 + 1e-6 * enc.bits
 
 
+@pytest.mark.parametrize("peaked", [False, True])
+def test_encoder_symbol_rows_give_each_symbol_its_table_frequencies(peaked):
+    """The encoder codes each symbol under a 3-entry row instead of its whole table: the same cumulative
+    frequency and frequency (under constriction's +1), for every entry, the escape and the capped entries of
+    very peaked mixtures (one entry above MAX_FREQ; symbols beside it take their full row)."""
+    raw = raw_params(3000, seed=3, log_scale=(-4.0, -3.0) if peaked else (np.log(0.3), np.log(40.0)))
+    if peaked:
+        raw[0, 0] += 30  # component 0 dominates: nearly all mass on one entry
+    mix = IntMixture(raw, 3)
+    centre = mix._windows()[0]
+    rng = np.random.default_rng(0)
+    for width in (12, 64, 512):
+        s = rng.integers(0, width + 1, len(mix))
+        s[:300], s[300:600], s[600:1200] = 0, width, width // 2  # first entry, escape, the centre's entry
+        full = mix.table(torch.from_numpy(centre), width).numpy().astype(np.int64) + 1
+        rows, i = mix.symbol_rows(centre, width, s)
+        eff = rows.astype(np.int64) + 1
+        assert (rows >= 0).all() and (eff.sum(1) == 1 << 24).all()
+        f = eff[np.arange(len(s)), i]
+        k = np.where(i == 0, 0, eff[:, 0] + np.where(i == 2, eff[:, 1], 0))
+        assert np.array_equal(f, full[np.arange(len(s)), s])
+        assert np.array_equal(k, np.where(np.arange(width + 1) < s[:, None], full, 0).sum(1))
+        if peaked:
+            assert (full[:, :width] == MAX_FREQ + 1).sum() > 100
+
+
 def test_round_trip_with_escapes_and_several_segments():
     raws = [raw_params(3000, seed=s) for s in range(3)]
     mixes = [IntMixture(r, 3) for r in raws]
