@@ -345,7 +345,7 @@ class IntMixture:
         entry can exceed MAX_FREQ (> total / 2). Where neither side of s holds more than MAX_FREQ, only s or
         the escape can: s's excess goes to the escape, or the escape's to entry 0 (so K = G_s - G_0 plus that
         excess for s > 0). Elsewhere (an unlikely s in a very peaked mixture) the row is taken from ``table``."""
-        n, m = len(centre), width + 1
+        m = width + 1
         total = (1 << PROB_BITS) - m
         x0, dx = self._starts(centre - width // 2)
         edges = np.stack([np.zeros_like(s), s, np.minimum(s + 1, width), np.full_like(s, width)])
