@@ -408,6 +408,18 @@ def decompress(
     c = Container.from_bytes(data)
     if preview:
         return _preview(c, model, device, progress, preview)
+    try:
+        return _decode(c, model, device, progress)
+    except CorruptFileError as e:
+        if c.tiles and c.version < 4:  # float coding tables: their last bits depend on the CPU
+            raise CorruptFileError(
+                f"{e}; coding tables of version {c.version} depend on the kind of CPU that wrote the file:"
+                " decode it on that kind of machine"
+            ) from None
+        raise
+
+
+def _decode(c: Container, model: str | Model | None, device: str, progress: Progress) -> Image.Image:
     rgb = rest = None
     if c.tiles:
         mdl = _model_for(c, model, device)
