@@ -151,6 +151,19 @@ def test_integer_products_agree_on_every_kernel():
     assert torch.equal(nets._halves(128 * hi.long() + lo.long()), w)
 
 
+def test_kernel_choice_falls_back_to_float32_without_int8_products(monkeypatch):
+    """The int8/float32 choice times both once per process; a torch whose CPU lacks _int_mm gets float32."""
+    monkeypatch.setattr(nets, "_INT8_FAST", None)
+    assert nets._int8_fast() in (True, False) and nets._INT8_FAST is not None
+
+    def missing(*_):
+        raise RuntimeError("_int_mm is not implemented for this device")
+
+    monkeypatch.setattr(nets, "_INT8_FAST", None)
+    monkeypatch.setattr(torch, "_int_mm", missing)
+    assert nets._int8_fast() is False
+
+
 def test_integer_mode_needs_calibration():
     net = perturbed(ConvNet(3, 4, hidden=8, layers=2), seed=1)
     assert not net.calibrated

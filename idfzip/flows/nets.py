@@ -161,7 +161,8 @@ def _int8_fast() -> bool:
     """Whether the CPU's int8 products (``torch._int_mm``) are faster than float32 products of the same values.
     With VNNI-class instructions int8 wins by 2-4x; without (AVX2 CPUs such as AMD Zen 2/3, older Intel) its
     fallback kernel is about 20x slower than float32. Both give the same integers, so this choice, made once
-    per process by timing both on a small product, changes only the speed."""
+    per process by timing both on a small product, changes only the speed (and where _int_mm is missing, the
+    float32 products serve)."""
     global _INT8_FAST
     if _INT8_FAST is None:
         import time
@@ -179,7 +180,10 @@ def _int8_fast() -> bool:
                 times.append(time.perf_counter() - t)
             return min(times)
 
-        _INT8_FAST = best(lambda: torch._int_mm(a, w)) <= best(lambda: af @ wf)
+        try:
+            _INT8_FAST = best(lambda: torch._int_mm(a, w)) <= best(lambda: af @ wf)
+        except (AttributeError, RuntimeError, NotImplementedError):  # a torch without CPU int8 products
+            _INT8_FAST = False
     return _INT8_FAST
 
 
