@@ -83,6 +83,33 @@ def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarra
         bits = IntMixture.from_quantized(flat, K).ideal_length(np.broadcast_to(zs[:, None], (c, r, m)).reshape(-1))
         return bits.reshape(c, r, m).sum(2)
 
+    # each candidate moves one of a, b (log-scales), d (means), t (logits): only that part of the mixtures is
+    # rebuilt, the others are the current point's (the same integers as adapt_int and IntMixture._set)
+    lg, mu, ls = (np.moveaxis(q[:, i * K : (i + 1) * K], 1, 0)[:, :, None] for i in range(3))  # (K, C, 1, m)
+    moved = [[0, 1, 4, 5], [2, 6], [3, 7]]  # candidates (rows of eye) that move a or b, d, t
+
+    def candidate_costs(act: np.ndarray, cands: np.ndarray) -> np.ndarray:  # cands (c, 8, 4) -> (c, 8)
+        cur_p = p[None, act, None, :, None]  # (1, c, 1, 4, 1)
+        parts = []
+        for rows, make in (
+            (
+                moved[0],
+                lambda r: IntMixture.scale_idx_of(((ls[:, act] * (64 + r[0])) >> 6) + (r[1] << (PARAM_FRAC - 6))),
+            ),
+            (moved[1], lambda r: IntMixture.means_of((mu[:, act] * (64 + r[2])) >> 6)),
+            (moved[2], lambda r: IntMixture.weights_of((lg[:, act] * (64 + r[3])) >> 6)),
+        ):
+            full = np.repeat(make([cur_p[..., i, :] for i in range(4)]), 8, axis=2)  # (K, c, 8, m)
+            sub = cands[:, rows]
+            full[:, :, rows] = make([sub[None, :, :, i, None] for i in range(4)])
+            parts.append(full.reshape(K, -1))
+        scale_idx, means, weights = parts
+        c = len(act)
+        bits = IntMixture.from_parts(weights, means, scale_idx).ideal_length(
+            np.broadcast_to(z[act, None], (c, 8, m)).reshape(-1)
+        )
+        return bits.reshape(c, 8, m).sum(2)
+
     p = np.zeros((C, 4), dtype=np.int64)
     base = costs(q[:, None], z)[:, 0]
     cur = base.copy()
@@ -91,8 +118,7 @@ def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarra
         for _ in range(32):
             act = np.flatnonzero(active)
             cands = np.clip(p[act, None, :] + s * eye, lo, hi)  # (c, 8, 4)
-            qq = adapt_int(q[act, None], cands[..., None], K, axis=2)  # (c, 8, 3K, m)
-            f = costs(qq, z[act])
+            f = candidate_costs(act, cands)
             i = np.argmin(f, 1)
             best = f[np.arange(len(act)), i]
             better = best <= cur[act] - MIN_GAIN

@@ -230,25 +230,45 @@ class IntMixture:
         m._set(q, K)
         return m
 
+    @classmethod
+    def from_parts(cls, weights: np.ndarray, means: np.ndarray, scale_idx: np.ndarray) -> IntMixture:
+        """From the outputs of ``weights_of``, ``means_of`` and ``scale_idx_of`` ((K, n) each)."""
+        m = cls.__new__(cls)
+        m.weights, m.means, m.scale_idx = weights, means, scale_idx
+        return m
+
     def _set(self, q: np.ndarray, K: int) -> None:
-        lg, mu, ls = q[:K], q[K : 2 * K], q[2 * K :]
-        # log-scale clamped to [-4, 9], rounded to 1/256 (ties up): index into SCALE / INV
+        self.scale_idx = self.scale_idx_of(q[2 * K :])
+        self.means = self.means_of(q[K : 2 * K])
+        self.weights = self.weights_of(q[:K])
+
+    @staticmethod
+    def scale_idx_of(ls: np.ndarray) -> np.ndarray:
+        """Quantised log-scales clamped to [-4, 9], rounded to 1/256 (ties up): indices into SCALE / INV."""
         ls = np.clip(ls, int(LOG_SCALE_MIN) << PARAM_FRAC, int(LOG_SCALE_MAX) << PARAM_FRAC)
-        self.scale_idx = ((ls + (1 << (PARAM_FRAC - 9))) >> (PARAM_FRAC - 8)) + tables.LOG_SCALE_OFFSET
-        self.means = np.clip(mu, -(1 << 40), 1 << 40)
-        # weights: EXP of the logit gap to the largest (in 1/256), normalised by floor division to 2**15, the
-        # remainder going to the first largest component; sum(E) < K * 2**16 so E << 15 stays below 2**36
+        return ((ls + (1 << (PARAM_FRAC - 9))) >> (PARAM_FRAC - 8)) + tables.LOG_SCALE_OFFSET
+
+    @staticmethod
+    def means_of(mu: np.ndarray) -> np.ndarray:
+        return np.clip(mu, -(1 << 40), 1 << 40)
+
+    @staticmethod
+    def weights_of(lg: np.ndarray) -> np.ndarray:
+        """Quantised logits (K, ...) -> integer weights summing to 2**15: EXP of the logit gap to the largest
+        (in 1/256), normalised by floor division, the remainder going to the first largest component;
+        sum(E) < K * 2**16 so E << 15 stays below 2**36."""
+        K = lg.shape[0]
         top = lg[0].copy()
         for k in range(1, K):
             np.maximum(top, lg[k], out=top)
         gap = np.minimum((top - lg + (1 << (PARAM_FRAC - 9))) >> (PARAM_FRAC - 8), tables.EXP_MAX)
         e = tables.load()["EXP"][gap]
         w = (e << WEIGHT_BITS) // _sum(e)
-        first = np.full(w.shape[1], K)
+        first = np.full(w.shape[1:], K)
         for k in reversed(range(K)):
             first[gap[k] == 0] = k
-        w[first, np.arange(w.shape[1])] += (1 << WEIGHT_BITS) - _sum(w)
-        self.weights = w
+        np.put_along_axis(w, first[None], np.take_along_axis(w, first[None], 0) + (1 << WEIGHT_BITS) - _sum(w), 0)
+        return w
 
     def __len__(self) -> int:
         return self.means.shape[1]
