@@ -200,12 +200,11 @@ def _imm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     reduced-precision products are turned off)."""
     if a.dtype == torch.int8 and a.device.type == "cpu":
         return _combine(torch._int_mm(a, w))
-    with _float32_exact():
-        return _combine((a.float() @ w.float()).int())
+    return _combine(_imm_float(a, w))
 
 
 def _imm_float(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ [hi | lo] as float32 products, int32 (tests compare it with ``torch._int_mm``)."""
+    """a @ [hi | lo] as float32 products (exact, ``_imm``), int32."""
     with _float32_exact():
         return (a.float() @ w.float()).int()
 
