@@ -84,28 +84,28 @@ def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarra
         return bits.reshape(c, r, m).sum(2)
 
     # each candidate moves one of a, b (log-scales), d (means), t (logits): only that part of the mixtures is
-    # rebuilt, the others are the current point's (the same integers as adapt_int and IntMixture._set)
+    # rebuilt, the others are the current point's (the same integers as adapt_int and IntMixture._parts)
     lg, mu, ls = (np.moveaxis(q[:, i * K : (i + 1) * K], 1, 0)[:, :, None] for i in range(3))  # (K, C, 1, m)
     moved = [[0, 1, 4, 5], [2, 6], [3, 7]]  # candidates (rows of eye) that move a or b, d, t
 
     def candidate_costs(act: np.ndarray, cands: np.ndarray) -> np.ndarray:  # cands (c, 8, 4) -> (c, 8)
-        cur_p = p[None, act, None, :, None]  # (1, c, 1, 4, 1)
+        def scales(P):  # P (c, r, 4) -> (K, c, r, m); likewise means, weights
+            a, b = P[None, :, :, 0, None], P[None, :, :, 1, None]
+            return IntMixture.scale_idx_of(((ls[:, act] * (64 + a)) >> 6) + (b << (PARAM_FRAC - 6)))
+
+        def means(P):
+            return IntMixture.means_of((mu[:, act] * (64 + P[None, :, :, 2, None])) >> 6)
+
+        def weights(P):
+            return IntMixture.weights_of((lg[:, act] * (64 + P[None, :, :, 3, None])) >> 6)
+
         parts = []
-        for rows, make in (
-            (
-                moved[0],
-                lambda r: IntMixture.scale_idx_of(((ls[:, act] * (64 + r[0])) >> 6) + (r[1] << (PARAM_FRAC - 6))),
-            ),
-            (moved[1], lambda r: IntMixture.means_of((mu[:, act] * (64 + r[2])) >> 6)),
-            (moved[2], lambda r: IntMixture.weights_of((lg[:, act] * (64 + r[3])) >> 6)),
-        ):
-            full = np.repeat(make([cur_p[..., i, :] for i in range(4)]), 8, axis=2)  # (K, c, 8, m)
-            sub = cands[:, rows]
-            full[:, :, rows] = make([sub[None, :, :, i, None] for i in range(4)])
+        for rows, make in zip(moved, (scales, means, weights)):
+            full = np.repeat(make(p[act, None]), 8, axis=2)  # the current point's, for every candidate
+            full[:, :, rows] = make(cands[:, rows])
             parts.append(full.reshape(K, -1))
-        scale_idx, means, weights = parts
         c = len(act)
-        bits = IntMixture.from_parts(weights, means, scale_idx).ideal_length(
+        bits = IntMixture.from_parts(parts[2], parts[1], parts[0]).ideal_length(
             np.broadcast_to(z[act, None], (c, 8, m)).reshape(-1)
         )
         return bits.reshape(c, 8, m).sum(2)

@@ -221,14 +221,12 @@ class IntMixture:
         q = quantize(raw.reshape(B, C, 3 * K, -1).transpose(1, 2))  # (B, 3K, C, positions)
         if params is not None and bool(params.any()):
             q = adapt_int(q, params.long().cpu().numpy().T.reshape(1, -1, C, 1), K, axis=1)
-        self._set(q.transpose(1, 0, 2, 3).reshape(3 * K, -1), K)
+        self.weights, self.means, self.scale_idx = self._parts(q.transpose(1, 0, 2, 3).reshape(3 * K, -1), K)
 
     @classmethod
     def from_quantized(cls, q: np.ndarray, K: int) -> IntMixture:
         """From quantised (and adapted) parameters q (3K, n)."""
-        m = cls.__new__(cls)
-        m._set(q, K)
-        return m
+        return cls.from_parts(*cls._parts(q, K))
 
     @classmethod
     def from_parts(cls, weights: np.ndarray, means: np.ndarray, scale_idx: np.ndarray) -> IntMixture:
@@ -237,10 +235,10 @@ class IntMixture:
         m.weights, m.means, m.scale_idx = weights, means, scale_idx
         return m
 
-    def _set(self, q: np.ndarray, K: int) -> None:
-        self.scale_idx = self.scale_idx_of(q[2 * K :])
-        self.means = self.means_of(q[K : 2 * K])
-        self.weights = self.weights_of(q[:K])
+    @classmethod
+    def _parts(cls, q: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Quantised parameters q (3K, ...) [logits, means, log-scales] -> weights, means, scale indices."""
+        return cls.weights_of(q[:K]), cls.means_of(q[K : 2 * K]), cls.scale_idx_of(q[2 * K :])
 
     @staticmethod
     def scale_idx_of(ls: np.ndarray) -> np.ndarray:
@@ -275,9 +273,7 @@ class IntMixture:
 
     def take(self, idx) -> IntMixture:
         idx = np.asarray(idx)
-        m = IntMixture.__new__(IntMixture)
-        m.weights, m.means, m.scale_idx = self.weights[:, idx], self.means[:, idx], self.scale_idx[:, idx]
-        return m
+        return IntMixture.from_parts(self.weights[:, idx], self.means[:, idx], self.scale_idx[:, idx])
 
     def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per symbol: window centre and the index into WIDTHS of its core window (int64 tensors)."""
