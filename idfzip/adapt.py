@@ -21,6 +21,20 @@ of each component), an offset o and a gain g: after the transform above, x' = x 
 then takes C x (4 + 6K) signed bytes, ordered channel, (a, b, d, t, o_1..o_3K, g_1..g_3K). The encoder fits
 them in float64 (``_offsets``) and rounds them; the bits depend only on the stored integers, so every decoder
 computes the same.
+
+Version 7 (efforts 8-9) may also update a slot's prior network itself, in its output layer: integers D (C, 3K,
+hidden) change the quantised mixture parameters, before the transforms above, by
+
+    q' = q + (sum_i D[c, k, i] * f_i) << (PARAM_FRAC - DELTA_FRAC)
+
+where f_i (0..255) are the net's last hidden activations at that position (``ConvNet.exact(feats=...)``), each
+in its calibrated unit, so D = 1 moves a parameter by at most 255 / 2**DELTA_FRAC. |D| <= DELTA_LIMIT, hidden
+terms: sums of at most 127 * 255 * hidden (below 2**21 for natural's 48), integers on every machine. The
+encoder fits D in float32 (``fit_delta``, charging for its bytes) jointly with stand-ins for the transforms,
+rounds it, fits the transforms on top, and keeps D only where the bits it saves exceed its bytes. A version 7 block is: the varint mask, a second varint mask (bit 3l + j: slot j of level l
+updated), a varint byte count of the rest of the block, the parameters as above, then per updated slot in
+mask order a varint byte count, a byte r (Rice parameter, 0..7) and the C * 3K * hidden zigzagged values of D
+(channel, parameter, hidden unit) Rice-coded with parameter r, most significant bit first, zero-padded.
 """
 
 from __future__ import annotations
@@ -45,7 +59,15 @@ GAIN_LIMITS = (-48, 64)  # per-component gains (version 6), as the 4-parameter f
 OFFSET_STEPS = 60  # Adam steps of the offsets' float fit (by default)
 OFFSET_LR = 0.05
 
+DELTA_FRAC = 9  # output updates (version 7): D f in units of 2**-DELTA_FRAC
+DELTA_LIMIT = 127
+DELTA_STEPS = 200  # Adam steps of the output updates' float fit (by default), the rate decaying to 0 (cosine)
+DELTA_LR = 0.15  # in units of D
+DELTA_RATE = 2.0  # the fit's charge for D's bytes, in bits per unit of |D| (about their Rice-coded cost)
+DELTA_MIN_SYMBOLS = 1 << 17  # smaller slots are not updated: their some 1,300 values would not pay
+
 Params = dict[tuple[int, int], torch.Tensor]  # (level, slot) -> (C, 4) int64, or (C, 4 + 6K) in version 6
+Deltas = dict[tuple[int, int], np.ndarray]  # (level, slot) -> (C, 3K, hidden) int64 output updates (version 7)
 
 
 def apply(raw: torch.Tensor, p: torch.Tensor | None, K: int) -> torch.Tensor:
@@ -180,6 +202,22 @@ def _lengths(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int) -> np.ndarray:
     return IntMixture.from_quantized(flat, K).ideal_length(z.reshape(-1)).reshape(C, m).sum(1)
 
 
+def _slot_sample(segments, C: int, K: int, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(C, 3K, m) quantised parameters and (C, m) symbols of a slot's passes [(symbols (B, C, ...), per-channel
+    mixture parameters)] at the positions ``_subsample`` picks of its n, and n."""
+    s = [_streams([r[c] for _, r in segments], [z[:, c : c + 1] for z, _ in segments], K, size) for c in range(C)]
+    return np.stack([x[0] for x in s]), np.stack([x[1] for x in s]), s[0][2]
+
+
+def delta_q(D: np.ndarray, f) -> np.ndarray:
+    """Parameter changes (C, 3K, n) int64, in units of 2**-PARAM_FRAC, of output updates D (C, 3K, hidden) at
+    last hidden activations f (hidden, n), 0..255: float64 products of integers whose sums stay far below
+    2**53, so exact in any order (module docstring)."""
+    C, K3, hd = D.shape
+    s = torch.from_numpy(D.reshape(-1, hd)).double() @ torch.as_tensor(f).cpu().double()
+    return (s.long().numpy() << (PARAM_FRAC - DELTA_FRAC)).reshape(C, K3, -1)
+
+
 def fit_slot(
     segments: list[tuple[torch.Tensor, list[torch.Tensor]]],
     C: int,
@@ -187,47 +225,163 @@ def fit_slot(
     symbols: int = FIT_SYMBOLS,
     offsets: int = 0,
     steps: int = OFFSET_STEPS,
-) -> torch.Tensor | None:
+    delta: tuple[np.ndarray, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor | None, int]:
     """(C, 4) parameters for one slot of a level from its passes [(symbols (B, C, ...), per-channel mixture
     parameters)], searched on about ``symbols`` of each stream's symbols, or None where adapting it would
-    not pay for its bytes. ``offsets`` > 0 (version 6): (C, 4 + 6K) parameters, the last 6K per-component
-    offsets and gains (``_offsets``) fitted on about that many symbols in ``steps`` steps (zero in a channel
-    where they do not save bits on them)."""
+    not pay for its bytes; and the estimated saving over the slot's unadapted stream, less the bytes of the
+    parameters, in units of 2**-16 bits. ``offsets`` > 0 (version 6): (C, 4 + 6K) parameters, the last 6K
+    per-component offsets and gains (``_offsets``) fitted on about that many symbols in ``steps`` steps (zero in
+    a channel where they do not save bits on them). ``delta`` (D, f): output updates (version 7) and the
+    slot's last hidden activations f (hidden, n) in the passes' order: the parameters are fitted on top of
+    them, and the saving counts theirs (not their bytes)."""
     if sum(z.numel() for z, _ in segments) < MIN_SYMBOLS:
-        return None
+        return None, 0
 
-    def sample(size: int) -> tuple[np.ndarray, np.ndarray, int]:  # (C, 3K, m) parameters, (C, m) symbols, n
-        s = [_streams([r[c] for _, r in segments], [z[:, c : c + 1] for z, _ in segments], K, size) for c in range(C)]
-        return np.stack([x[0] for x in s]), np.stack([x[1] for x in s]), s[0][2]
+    def sample(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # (before D, after D, symbols, n)
+        q, z, n = _slot_sample(segments, C, K, size)
+        if delta is None:
+            return q, q, z, n
+        return q, q + delta_q(delta[0], delta[1][:, torch.from_numpy(_subsample(n, size))]), z, n
 
-    q, z, n = sample(symbols)
+    q0, q, z, n = sample(symbols)
     p, saved = _search(q, z, K)
     if offsets:
-        q, z, n = sample(offsets)
+        q0, q, z, n = sample(offsets)
         with_o = np.concatenate([p, _offsets(q, z, p, K, steps)], 1)
         before, after = _lengths(q, z, p, K), _lengths(q, z, with_o, K)
         p = np.where((after < before)[:, None], with_o, np.pad(p, ((0, 0), (0, 6 * K))))
         saved = _lengths(q, z, np.zeros_like(p[:, :4]), K) - np.minimum(before, after)
-    return torch.from_numpy(p) if int(saved.sum()) * n // z.shape[1] > (8 * p.size + MARGIN_BITS) << 16 else None
+    plain = int(saved.sum()) * n // z.shape[1] - ((8 * p.size + MARGIN_BITS) << 16)  # with p, against q
+    by_delta = 0
+    if delta is not None:
+        zero = np.zeros((C, 4), dtype=np.int64)
+        by_delta = int((_lengths(q0, z, zero, K) - _lengths(q, z, zero, K)).sum()) * n // z.shape[1]
+    if plain > 0:
+        return torch.from_numpy(p), plain + by_delta
+    return None, by_delta
 
 
-def to_bytes(params: Params, C: int) -> bytes:
-    out = bytearray(write_varint(sum(1 << (3 * level + j) for level, j in params)))
+def fit_delta(
+    segments: list[tuple[torch.Tensor, list[torch.Tensor]]],
+    f: torch.Tensor,
+    C: int,
+    K: int,
+    size: int,
+    steps: int = DELTA_STEPS,
+) -> np.ndarray:
+    """Output updates D (C, 3K, hidden) int64 for one slot (version 7) from its passes as for ``fit_slot`` and
+    its last hidden activations f (hidden, n): Adam on the NLL of about ``size`` of its positions plus
+    DELTA_RATE bits per unit of |D| (scaled to the sample), in float32, jointly with per-parameter gains and
+    offsets standing in for the adaptation fitted after it; rounded."""
+    q, z, n = _slot_sample(segments, C, K, size)
+    pick = torch.from_numpy(_subsample(n, size))
+    F_ = f[:, pick].cpu().float() * 2.0**-DELTA_FRAC  # (hidden, m)
+    base = torch.from_numpy(q).double().mul_(2.0**-PARAM_FRAC).float()  # (C, 3K, m)
+    zs = torch.from_numpy(z).float().reshape(1, C, -1, 1)
+    D = torch.zeros(C, 3 * K, f.shape[0], requires_grad=True)
+    o = torch.zeros(C, 3 * K, 1, requires_grad=True)
+    g = torch.zeros(C, 3 * K, 1, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [D], "lr": DELTA_LR}, {"params": [o, g], "lr": OFFSET_LR}])
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    with torch.enable_grad(), one_thread():  # the same choices at any thread count (on one kind of CPU)
+        for _ in range(steps):
+            opt.zero_grad()
+            raw = (base + D @ F_) * (1 + g) + o
+            loss = nll_bits(zs, raw.reshape(1, C * 3 * K, -1, 1), K)
+            (loss + DELTA_RATE * len(pick) / n * D.abs().sum()).backward()
+            opt.step()
+            decay.step()
+    return torch.round(D.detach()).clamp(-DELTA_LIMIT, DELTA_LIMIT).long().numpy()
+
+
+def _zigzag(v: np.ndarray) -> np.ndarray:
+    return np.where(v < 0, -2 * v - 1, 2 * v)
+
+
+def rice_bytes(D: np.ndarray) -> bytes:
+    """D's values zigzagged and Rice-coded with the parameter r (0..7) that takes the fewest bits: byte r, then
+    the bits, most significant first, zero-padded to a whole byte (the block's varint byte count not included)."""
+    u = _zigzag(D.reshape(-1))
+    r = min(range(8), key=lambda k: int((u >> k).sum()) + len(u) * (k + 1))
+    bits = []
+    for v in u.tolist():
+        bits += [1] * (v >> r) + [0] + [(v >> i) & 1 for i in reversed(range(r))]
+    return bytes([r]) + np.packbits(np.array(bits, dtype=np.uint8)).tobytes()
+
+
+def from_rice(data: bytes, count: int) -> np.ndarray:
+    """The ``count`` values of a ``rice_bytes`` block, checked: r <= 7, every value within DELTA_LIMIT, no bits
+    left but the zero padding."""
+    if not data or data[0] > 7:
+        raise CorruptFileError("invalid output update block")
+    r = data[0]
+    bits = np.unpackbits(np.frombuffer(data[1:], dtype=np.uint8))
+    zeros = np.flatnonzero(bits == 0)  # each value's unary part ends at a zero
+    out = np.empty(count, dtype=np.int64)
+    pos = 0
+    weights = 1 << np.arange(r - 1, -1, -1)
+    for i in range(count):
+        k = np.searchsorted(zeros, pos)
+        if k >= len(zeros) or zeros[k] + 1 + r > len(bits):
+            raise CorruptFileError("output update block is truncated")
+        end = zeros[k] + 1
+        out[i] = ((end - 1 - pos) << r) + int((bits[end : end + r] * weights).sum())
+        pos = end + r
+        if out[i] > 2 * DELTA_LIMIT:
+            raise CorruptFileError("invalid output update block")
+    if len(bits) - pos >= 8 or bits[pos:].any():
+        raise CorruptFileError("output update block has data left over")
+    return np.where(out & 1, -((out + 1) >> 1), out >> 1)
+
+
+def _mask(keys) -> bytes:
+    return write_varint(sum(1 << (3 * level + j) for level, j in keys))
+
+
+def to_bytes(params: Params, C: int, deltas: Deltas | None = None) -> bytes:
+    """The adaptation block of a tile (docs/FORMAT.md); ``deltas`` not None: version 7's layout, with output
+    updates."""
+    body = bytearray()
     for key in sorted(params):
-        out += params[key].to(torch.int8).numpy().tobytes()
-    return bytes(out)
+        body += params[key].to(torch.int8).numpy().tobytes()
+    if deltas is None:
+        return _mask(params) + bytes(body)
+    for key in sorted(deltas):
+        block = rice_bytes(deltas[key])
+        body += write_varint(len(block)) + block
+    return _mask(params) + _mask(deltas) + write_varint(len(body)) + bytes(body)
 
 
-def from_bytes(data: bytes, levels: int, C: int, width: int = 4) -> tuple[Params, int]:
-    """The block at the start of a tile stream: (parameters, bytes it took); ``width`` parameters per channel
-    (4, or 4 + 6K in version 6)."""
+def from_bytes(
+    data: bytes, levels: int, C: int, width: int = 4, delta_shape: tuple[int, int] | None = None
+) -> tuple[Params, Deltas, int]:
+    """The block at the start of a tile stream: (parameters, output updates, bytes it took); ``width``
+    parameters per channel (4, or 4 + 6K in version 6); ``delta_shape`` (3K, hidden): version 7's layout,
+    with output updates of that shape per channel."""
     r = Reader(data, "tile stream")
-    mask = r.varint()
-    if mask >> (3 * levels):
-        raise CorruptFileError("invalid adaptation block")
-    params = {}
+
+    def mask() -> int:
+        m = r.varint()
+        if m >> (3 * levels):
+            raise CorruptFileError("invalid adaptation block")
+        return m
+
+    adapted = mask()
+    updated = mask() if delta_shape is not None else 0
+    if updated and not delta_shape[1]:
+        raise CorruptFileError("output updates for a model whose priors have no hidden layers")
+    size = r.varint() if delta_shape is not None else 0
+    start = r.pos
+    params, deltas = {}, {}
     for bit in range(3 * levels):
-        if mask >> bit & 1:
+        if adapted >> bit & 1:
             block = bytearray(r.take(width * C))
             params[bit // 3, bit % 3] = torch.frombuffer(block, dtype=torch.int8).long().view(C, width)
-    return params, r.pos
+    for bit in range(3 * levels):
+        if updated >> bit & 1:
+            count = C * delta_shape[0] * delta_shape[1]
+            deltas[bit // 3, bit % 3] = from_rice(r.take(r.varint()), count).reshape(C, *delta_shape)
+    if delta_shape is not None and r.pos - start != size:
+        raise CorruptFileError("adaptation block does not match its length")
+    return params, deltas, r.pos

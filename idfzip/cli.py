@@ -189,6 +189,17 @@ def _write(dst: Path, data: bytes, force: bool) -> None:
     sys.stdout.buffer.flush()
 
 
+def _effort(d: dict) -> str:
+    """The efforts that write what ``inspect`` found (a file does not record its effort)."""
+    if d["version"] >= 7:
+        return "8-9 (adaptation with offsets and output-layer updates)"
+    if d["version"] == 6:
+        return "7-9 (adaptation with offsets)"
+    if d["adapted_tiles"]:
+        return "2-6 (adaptation)" if d["version"] >= 4 else "adapted (written before efforts existed)"
+    return "1, or no slot large enough to adapt" if d["version"] >= 5 else "unadapted"
+
+
 def _name(p: Path, output: bool = False) -> str:
     return ("stdout" if output else "stdin") if p == STDIO else str(p)
 
@@ -595,6 +606,12 @@ def info(inputs, as_json, quiet, verbose):
                     f"adapted:     {d['adapted_tiles']} of {d['tiles']} tiles, {d['adapted_slots']} slots "
                     f"(priors fitted to the image: {how} per slot and channel)"
                 )
+                if "updated_slots" in d:
+                    lines.append(
+                        f"updated:     {d['updated_slots']} slots' network output layers; "
+                        f"{d['adaptation_bytes']} bytes of fitted parameters in all"
+                    )
+            lines.append(f"effort:      {_effort(d)}")
             if verbose:
                 sizes = [len(t) for t in Container.from_bytes(data).tiles]
                 lines.append(f"tile bytes:  {' '.join(map(str, sizes))} (row-major)")

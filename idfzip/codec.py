@@ -39,17 +39,20 @@ DEFAULT_EFFORT = 5
 class FitPlan:
     """How the encoder fits a tile's adaptation (idfzip.adapt): the 4-parameter search on about ``symbols``
     symbols per stream (0: no adaptation); ``offsets`` > 0 also fits per-component offsets on about that many
-    (format version 6)."""
+    (format version 6); ``delta`` > 0 also output updates on about that many positions per slot (version 7)."""
 
     symbols: int
     offsets: int = 0
     steps: int = 0  # of the offsets' fit
+    delta: int = 0
+    delta_steps: int = 0
 
 
 def fit_plan(effort: int) -> FitPlan:
     """Effort 1: no adaptation (fastest encode); 2-3: the search on half the usual sample; 4-6 (default 5): the
-    usual; 7-9: also offsets and gains, fitted on 2**12, 2**14 and 2**16 symbols per stream in 60, 60 and 120
-    steps. Decoding costs the same."""
+    usual; 7: also offsets and gains, fitted on 2**12 symbols per stream in 60 steps; 8-9: offsets and gains on
+    2**14, and output updates of the slots of at least adapt.DELTA_MIN_SYMBOLS symbols (format version 7),
+    fitted on 2**15 positions in 200 and 400 steps. Decoding costs about the same at every effort."""
     if effort not in EFFORTS:
         raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
     if effort == 1:
@@ -58,7 +61,9 @@ def fit_plan(effort: int) -> FitPlan:
         return FitPlan(adapt.FIT_SYMBOLS // 2)
     if effort <= 6:
         return FitPlan(adapt.FIT_SYMBOLS)
-    return FitPlan(adapt.FIT_SYMBOLS, 1 << (12 + 2 * (effort - 7)), 120 if effort == 9 else 60)
+    if effort == 7:
+        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 60)
+    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 60, 1 << 15, adapt.DELTA_STEPS * (effort - 7))
 
 
 @dataclass
@@ -99,11 +104,12 @@ def _gather(t: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return t.flatten(2)[:, :, pos.to(t.device)].unsqueeze(2)
 
 
-def _mixture(raws: list[torch.Tensor], p: torch.Tensor | None, K: int, portable: bool):
-    """One segment's mixture from per-channel network outputs raws[c] (B, 3K, ...) and their adaptation
-    p (len(raws), 4) or None: integer (version 4) or, for older files, float."""
+def _mixture(raws: list[torch.Tensor], p: torch.Tensor | None, K: int, portable: bool, delta=None):
+    """One segment's mixture from per-channel network outputs raws[c] (B, 3K, ...), their adaptation
+    p (len(raws), 4) or None and output updates' changes delta (len(raws), 3K, n) or None: integer (version 4)
+    or, for older files, float."""
     if portable:
-        return IntMixture(torch.cat(raws, 1), K, p)
+        return IntMixture(torch.cat(raws, 1), K, p, delta)
     return FloatMixture(torch.cat([adapt.apply(r, None if p is None else p[c], K) for c, r in enumerate(raws)], 1), K)
 
 
@@ -140,8 +146,12 @@ class _Tile:
     the mixture of each segment. A segment's mixture depends only on segments before it in ``schedule``, so
     the encoder (which knows every latent) computes exactly the decoder's mixtures, in either direction."""
 
-    def __init__(self, flow, H: int, W: int, device: str, version: int, params: adapt.Params):
-        self.flow, self.device, self.params = flow, device, params
+    def __init__(
+        self, flow, H: int, W: int, device: str, version: int, params: adapt.Params, deltas: adapt.Deltas, fitting=False
+    ):
+        """``deltas``: output updates (version 7); ``fitting``: the encoder fits them (``fit``), so every slot's
+        last hidden activations are kept."""
+        self.flow, self.device, self.params, self.deltas, self.fitting = flow, device, params, deltas, fitting
         self.portable = version >= 4  # integer coding tables
         self.integer = version >= 5  # the networks' integer mode
         self.L, self.C, self.K = flow.config.levels, flow.config.channels, flow.config.mixtures
@@ -152,6 +162,8 @@ class _Tile:
         self.top_shape = (1, self.C) + shape[-1]
         self._slot: tuple[int, int] | None = None  # the slot whose passes' network outputs are cached
         self._raw: dict[int, torch.Tensor] = {}
+        self._feat: dict[int, torch.Tensor] = {}  # and their last hidden activations (hidden, n), if needed
+        self._dq: dict[int, np.ndarray] = {}  # and the changes of the slot's output updates (C, 3K, n)
 
     def encode(self, rgb: np.ndarray) -> None:
         """All latents of a tile's pixels (encoder)."""
@@ -197,12 +209,18 @@ class _Tile:
         """Per channel of pass g of slot j, its network outputs (B, 3K, ...) before adaptation (with channel_ar
         channel c's needs the pass's channels < c, so the decoder asks for it only once they are stored)."""
         if self._slot != (level, j):
-            self._slot, self._raw = (level, j), {}
+            self._slot, self._raw, self._feat, self._dq = (level, j), {}, {}, {}
         if g not in self._raw:
             C, z = self.C, self.z[level]
             ctx = torch.cat([self._kept(level), z[:, : j * C]], 1)
-            raw = self.flow.prior_raw(level, j, ctx, z[:, j * C : (j + 1) * C], g, self.integer)
+            feats = None
+            if self.fitting or (level, j) in self.deltas:
+                hidden = self.flow.config.prior_hidden
+                feats = torch.empty((1, hidden) + z.shape[2:], dtype=torch.uint8, device=self.device)
+            raw = self.flow.prior_raw(level, j, ctx, z[:, j * C : (j + 1) * C], g, self.integer, feats)
             self._raw[g] = _gather(raw, self.groups[level][g])
+            if feats is not None:
+                self._feat[g] = _gather(feats, self.groups[level][g]).flatten(2)[0]
         raw, K = self._raw[g], self.K
         if self.flow.n_ar:
             zg = self.symbols(Segment(level, j, g))
@@ -213,17 +231,34 @@ class _Tile:
         if seg.level == self.L:
             return _mixture([self.flow.top_raw(self.top_shape)], None, self.K, self.portable)
         raws = self.channel_raws(seg.level, seg.slot, seg.group)
-        p = self.params.get((seg.level, seg.slot))
+        key, g = (seg.level, seg.slot), seg.group
+        p = self.params.get(key)
+        dq = None
+        if key in self.deltas:
+            if g not in self._dq:
+                self._dq[g] = adapt.delta_q(self.deltas[key], self._feat[g])
+            dq = self._dq[g]
         if seg.channel is not None:
             c = seg.channel
-            return _mixture([raws[c]], None if p is None else p[c : c + 1], self.K, self.portable)
-        return _mixture(raws, p, self.K, self.portable)
+            part = None if dq is None else dq[c : c + 1]
+            return _mixture([raws[c]], None if p is None else p[c : c + 1], self.K, self.portable, part)
+        return _mixture(raws, p, self.K, self.portable, dq)
 
     def fit(self, level: int, j: int, plan: FitPlan) -> None:
-        """Encoder: fit slot j of level l's adaptation to its passes (idfzip.adapt), stored in params."""
+        """Encoder: fit slot j of level l's adaptation to its passes (idfzip.adapt), stored in params, and with
+        ``plan.delta`` its output updates where they pay for their bytes, stored in deltas."""
         passes = range(self.flow.passes)
         segments = [(self.symbols(Segment(level, j, g)), self.channel_raws(level, j, g)) for g in passes]
-        p = adapt.fit_slot(segments, self.C, self.K, plan.symbols, plan.offsets, plan.steps)
+        p, saved = adapt.fit_slot(segments, self.C, self.K, plan.symbols, plan.offsets, plan.steps)
+        if self.fitting and sum(z.numel() for z, _ in segments) >= adapt.DELTA_MIN_SYMBOLS:
+            f = torch.cat([self._feat[g] for g in passes], 1)
+            D = adapt.fit_delta(segments, f, self.C, self.K, plan.delta, plan.delta_steps)
+            if D.any():
+                pd, by = adapt.fit_slot(segments, self.C, self.K, plan.symbols, plan.offsets, plan.steps, (D, f))
+                by -= (8 * (len(adapt.rice_bytes(D)) + 2) + adapt.MARGIN_BITS) << 16
+                if by > max(saved, 0):
+                    p, self.deltas[level, j] = pd, D
+                    self._dq = {}
         if p is not None:
             self.params[level, j] = p
 
@@ -231,13 +266,14 @@ class _Tile:
 @torch.no_grad()
 def _encode_tile(
     model: Model, rgb: np.ndarray, device: str, version: int, plan: FitPlan, progress: Progress = None
-) -> tuple[adapt.Params, bytes, float]:
-    """(adaptation parameters, entropy-coded stream, its ideal length in bits); ``plan``: how to fit the
-    adaptation. ``progress`` gets the tile's pixels in shares, segment by segment."""
+) -> tuple[adapt.Params, adapt.Deltas, bytes, float]:
+    """(adaptation parameters, output updates, entropy-coded stream, its ideal length in bits); ``plan``: how to
+    fit the adaptation. ``progress`` gets the tile's pixels in shares, segment by segment."""
     flow = model.flow
     m = flow.multiple
     H, W = -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m
-    tile = _Tile(flow, H, W, device, version, {})
+    fitting = bool(plan.delta) and version >= 5 and flow.config.prior_hidden > 0  # the updates need hidden layers
+    tile = _Tile(flow, H, W, device, version, {}, {}, fitting)
     tile.encode(rgb)
     enc = Encoder()
     fitted = set()
@@ -250,7 +286,7 @@ def _encode_tile(
         enc.push(z, tile.mixture(seg))
         if progress:
             progress(z.numel() * share)
-    return tile.params, enc.finish(), enc.bits
+    return tile.params, tile.deltas, enc.finish(), enc.bits
 
 
 @torch.no_grad()
@@ -274,15 +310,18 @@ def _decode_tile(
     m = flow.multiple
     H, W = -(-h // m) * m, -(-w // m) * m
     params: adapt.Params = {}
+    deltas: adapt.Deltas = {}
     if adapted:
-        width = 4 + 6 * flow.config.mixtures if version >= 6 else 4
-        params, n = adapt.from_bytes(data, flow.config.levels, flow.config.channels, width)
+        K = flow.config.mixtures
+        width = 4 + 6 * K if version >= 6 else 4
+        shape = (3 * K, flow.config.prior_hidden) if version >= 7 else None
+        params, deltas, n = adapt.from_bytes(data, flow.config.levels, flow.config.channels, width, shape)
         data = data[n:]
     portable = version >= 4
     if portable and _symbols(flow, H, W) > max_symbols(len(data)):
         raise CorruptFileError("entropy-coded stream is too short for its tile")
     dec = Decoder(data, portable)
-    tile = _Tile(flow, H, W, device, version, params)
+    tile = _Tile(flow, H, W, device, version, params, deltas)
     share = w * h / _symbols(flow, H, W)
     for seg in schedule(flow):
         mix = tile.mixture(seg)
@@ -308,18 +347,26 @@ def _encode_rgb(
     version: int,
     plan: FitPlan,
     progress: Progress,
-) -> tuple[list[bytes], bool, float]:
-    """(tile streams, whether they start with adaptation blocks, ideal code length in bits)."""
+) -> tuple[list[bytes], bool, int, float]:
+    """(tile streams, whether they start with adaptation blocks, the format version they need, ideal code
+    length in bits): ``version``, or 6 where the blocks hold offsets, 7 where some also hold output updates."""
     h, w = rgb.shape[:2]
     coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
-        params, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, plan, progress)
-        coded.append((params, s))
+        params, deltas, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, plan, progress)
+        coded.append((params, deltas, s))
         bits += b
     # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
-    adapted = any(params for params, _ in coded)
+    if not any(params or deltas for params, deltas, _ in coded):
+        return [s for _, _, s in coded], False, version, bits
+    version = 7 if any(deltas for _, deltas, _ in coded) else 6 if plan.offsets else version
     C = model.flow.config.channels
-    return [adapt.to_bytes(params, C) + s if adapted else s for params, s in coded], adapted, bits
+    return (
+        [adapt.to_bytes(params, C, deltas if version >= 7 else None) + s for params, deltas, s in coded],
+        True,
+        version,
+        bits,
+    )
 
 
 def compress_with_stats(
@@ -369,9 +416,9 @@ def compress_with_stats(
         c.tile = 0 if max(im.width, im.height) <= tile else tile
         # a calibrated model runs its networks in integer arithmetic (version 5); others write version 4
         c.version = 5 if mdl.flow.integer else 4
-        c.tiles, c.adapted, stats.nll_bits = _encode_rgb(mdl, rgb, c.tile_side, device, c.version, plan, progress)
-        if c.adapted and plan.offsets:  # the adaptation blocks carry offsets
-            c.version = 6
+        c.tiles, c.adapted, c.version, stats.nll_bits = _encode_rgb(
+            mdl, rgb, c.tile_side, device, c.version, plan, progress
+        )
         stats.flow_bytes = sum(len(t) for t in c.tiles)
         stats.method = f"flow:{mdl.name}"
     if rest is not None and not flat:

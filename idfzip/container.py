@@ -15,8 +15,9 @@ from .errors import CorruptFileError, UnsupportedVersionError
 from .registry import shipped_name
 
 MAGIC = b"IDZ"
-VERSION = 5  # what writers write (4 with a model never calibrated; 6 at efforts that send adaptation offsets)
-READ_VERSIONS = (1, 2, 3, 4, 5, 6)  # what readers read
+VERSION = 5  # what writers write (4 with a model never calibrated; 6 at efforts that send adaptation offsets,
+# 7 where they also send output updates)
+READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # what readers read
 MAX_SIDE = 1 << 20
 MAX_PIXELS = 1 << 28
 MAX_TILE = 1 << 14
@@ -255,6 +256,34 @@ class Container:
         return c
 
 
+def block_facts(stream: bytes) -> tuple[int, int, int]:
+    """(adapted slots, updated slots, bytes) of the version 7 adaptation block that starts a tile stream (its
+    two masks and byte count come first, idfzip.adapt)."""
+    r = Reader(stream, "tile stream")
+    adapted, updated, size = r.varint(), r.varint(), r.varint()
+    return bin(adapted).count("1"), bin(updated).count("1"), r.pos + size
+
+
+def _adaptation(c: Container) -> dict:
+    """inspect's facts of the tiles' adaptation blocks (idfzip.adapt): the tiles and slots adapted, and from
+    version 7 the slots whose networks' output layers are updated and the blocks' bytes (earlier blocks' size
+    depends on the model)."""
+    if not c.adapted:
+        return {"adapted_tiles": 0, "adapted_slots": 0}
+    if c.version < 7:
+        return {
+            "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0"),  # mask varint 0: not adapted
+            "adapted_slots": sum(bin(Reader(t, "tile stream").varint()).count("1") for t in c.tiles),
+        }
+    facts = [block_facts(t) for t in c.tiles]
+    return {
+        "adapted_tiles": sum(1 for a, u, _ in facts if a or u),
+        "adapted_slots": sum(a for a, _, _ in facts),
+        "updated_slots": sum(u for _, u, _ in facts),
+        "adaptation_bytes": sum(n for _, _, n in facts),
+    }
+
+
 def inspect(data: bytes) -> dict:
     """Header facts of .idfz bytes, without decoding."""
     data = as_bytes(data)
@@ -276,8 +305,7 @@ def inspect(data: bytes) -> dict:
         "tile": c.tile_side if c.tiles else None,
         "tiles": len(c.tiles),
         "flow_bytes": sum(len(t) for t in c.tiles),
-        "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0") if c.adapted else 0,  # mask varint 0: not
-        "adapted_slots": sum(bin(Reader(t, "tile stream").varint()).count("1") for t in c.tiles) if c.adapted else 0,
+        **_adaptation(c),
         "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},
         "meta_bytes": len(c.meta or b""),
         "crc32": f"{c.crc32:08x}",

@@ -213,12 +213,15 @@ class IntMixture:
 
     portable = True
 
-    def __init__(self, raw: torch.Tensor, K: int, params: torch.Tensor | None = None):
+    def __init__(self, raw: torch.Tensor, K: int, params: torch.Tensor | None = None, delta: np.ndarray | None = None):
         """raw (B, C*3K, ...) network outputs of C channels (each [logits, means, log-scales]); params (C, 4)
-        (version 6: or (C, 4 + 6K)) integer adaptation per channel, or None."""
+        (version 6: or (C, 4 + 6K)) integer adaptation per channel, or None; delta (C, 3K, positions) int64
+        (version 7, B = 1): added to the quantised parameters first (idfzip.adapt.delta_q)."""
         B, C3K = raw.shape[:2]
         C = C3K // (3 * K)
         q = quantize(raw.reshape(B, C, 3 * K, -1).transpose(1, 2))  # (B, 3K, C, positions)
+        if delta is not None:
+            q += delta.transpose(1, 0, 2)[None]
         if params is not None and bool(params.any()):
             q = adapt_int(q, params.long().cpu().numpy().T.reshape(1, -1, C, 1), K, axis=1)
         self.weights, self.means, self.scale_idx = self._parts(q.transpose(1, 0, 2, 3).reshape(3 * K, -1), K)

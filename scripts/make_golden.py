@@ -1,5 +1,5 @@
-"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7}.idfz from the PNGs
-beside them, with the shipped `natural` model (tests/test_golden.py decodes them and requires re-encoding to
+"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7,rgb_e8}.idfz from the
+PNGs beside them, with the shipped `natural` model (tests/test_golden.py decodes them and requires re-encoding to
 give the same bytes). Run only when the container version changes; never to make a failing test pass.
 
 The {rgb,rgba,tiled}_v4.idfz files were written the same way by commit 88ca5f9 (version 4, float64
@@ -7,18 +7,63 @@ networks) with the shipped model before its calibration. The legacy_v{1,2,3}.idf
 build) from legacy.png: v3 as `idfzip.compress(im, "natural")`, v2 and v1 as that build's unadapted stream in
 the older layouts."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 import idfzip
+from idfzip import adapt
+from idfzip.codec import schedule
+from idfzip.zoo import load_shipped
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
-FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}}  # name -> compress options
-# rgb_e7.idfz (version 6: adaptation with offsets) is written from rgb.png
+FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}, "rgb_e8": {"effort": 8}}
+# name -> compress options. rgb_e7.idfz (version 6: adaptation with offsets) and rgb_e8.idfz (version 7: output
+# updates, written under ``updates_kept``) are written from rgb.png
+
+
+@contextmanager
+def updates_kept(given: adapt.Deltas | None = None):
+    """Output updates (version 7) fitted for every slot and kept whatever they save: by default only slots of
+    adapt.DELTA_MIN_SYMBOLS symbols or more get them (where they pay), and a small golden image has none.
+    ``given`` ((level, slot) -> D, one tile): these updates instead of fitted ones (the float fit's integers
+    can differ between kinds of CPU; all that follows from them may not)."""
+    saved_state = adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot, adapt.fit_delta
+    fit_slot, fit_delta = adapt.fit_slot, adapt.fit_delta
+
+    def keep(segments, C, K, *plan):
+        p, saved = fit_slot(segments, C, K, *plan)
+        return p, saved + (1 << 40) if len(plan) > 3 else saved  # plan[3]: the updates
+
+    flow = load_shipped("natural").flow
+    order = iter(dict.fromkeys((s.level, s.slot) for s in reversed(schedule(flow)) if s.level < flow.config.levels))
+
+    def stored(segments, f, C, K, *plan):  # the encoder fits the slots in reversed schedule order
+        return given.get(next(order), np.zeros((C, 3 * K, f.shape[0]), dtype=np.int64))
+
+    adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot = 0, keep
+    if given is not None:
+        adapt.fit_delta = stored
+    try:
+        yield
+    finally:
+        adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot, adapt.fit_delta = saved_state
+
+
+def write(name: str, updates: adapt.Deltas | None = None) -> bytes:
+    """The golden file ``name``'s bytes as this build writes them (``updates``: as ``updates_kept``'s)."""
+    kw = FILES[name]
+    im = Image.open(GOLDEN / f"{name.split('_')[0]}.png")
+    if kw.get("effort", 0) >= 8:
+        with updates_kept(updates):
+            return idfzip.compress(im, "natural", **kw)
+    return idfzip.compress(im, "natural", **kw)
+
 
 if __name__ == "__main__":
-    for name, kw in FILES.items():
-        data = idfzip.compress(Image.open(GOLDEN / f"{name.split('_')[0]}.png"), "natural", **kw)
+    for name in FILES:
+        data = write(name)
         (GOLDEN / f"{name}.idfz").write_bytes(data)
         print(name, len(data), idfzip.inspect(data))

@@ -10,7 +10,7 @@ from PIL import Image
 
 import idfzip
 from idfzip import adapt
-from idfzip.container import Container
+from idfzip.container import Container, write_varint
 from idfzip.errors import CorruptFileError
 
 
@@ -43,9 +43,9 @@ def test_block_layout():
     p = {(0, 1): torch.arange(12).view(3, 4) - 6, (2, 2): torch.full((3, 4), -5)}
     data = adapt.to_bytes(p, 3)
     assert data[:2] == bytes([0b10000010, 0b10]) and len(data) == 2 + 2 * 12  # bits 1 and 8: a 2-byte varint
-    back, n = adapt.from_bytes(data + b"rest", 3, 3)
-    assert n == len(data) and set(back) == set(p) and all(torch.equal(back[k], p[k]) for k in p)
-    assert adapt.from_bytes(b"\0abcd", 3, 3) == ({}, 1)
+    back, deltas, n = adapt.from_bytes(data + b"rest", 3, 3)
+    assert n == len(data) and set(back) == set(p) and all(torch.equal(back[k], p[k]) for k in p) and deltas == {}
+    assert adapt.from_bytes(b"\0abcd", 3, 3) == ({}, {}, 1)
     for bad in (b"", b"\x80\x10", data[:-1], b"\x80\x00"):  # nothing, a level past 3, cut, non-minimal
         with pytest.raises(CorruptFileError):
             adapt.from_bytes(bad, 3, 3)
@@ -68,7 +68,7 @@ def test_tiles_with_and_without_adaptation(tiny, monkeypatch):
 
     def every_other_tile(segments, C, K, *plan):  # tiny has 2 levels of 3 slots: calls 6i to 6i + 5 are tile i's
         calls.append(1)
-        return fit_slot(segments, C, K, *plan) if (len(calls) - 1) // 6 % 2 == 0 else None
+        return fit_slot(segments, C, K, *plan) if (len(calls) - 1) // 6 % 2 == 0 else (None, 0)
 
     monkeypatch.setattr(adapt, "fit_slot", every_other_tile)
     im = Image.fromarray(photo(192, 192, seed=5))
@@ -142,7 +142,8 @@ def tiled_photo(tiny):
 @pytest.mark.parametrize("effort", range(1, 10))
 def test_every_effort_round_trips(tiny, tiled_photo, effort):
     """Every effort decodes exactly, tiled and (for one effort of each kind) as one tile; effort 1 fits nothing,
-    efforts 7-9 write version 6, and no effort writes a larger file than effort 1."""
+    efforts 7-9 write version 6 (their slots are too small for output updates), and no effort writes a larger file
+    than effort 1."""
     im, plain = tiled_photo
     data = idfzip.compress(im, tiny, tile=96, effort=effort)
     c = Container.from_bytes(data)
@@ -161,3 +162,69 @@ def test_high_effort_is_smaller_with_channel_autoregression(tiny_ar):
     assert idfzip.decompress(high, tiny_ar).tobytes() == im.tobytes()
     with pytest.raises(idfzip.IdfzipError, match="effort must be 1..9"):
         idfzip.compress(im, tiny_ar, effort=10)
+
+
+def test_output_updates_block_layout():
+    """Version 7's block: two masks, the byte count of the rest, the parameters, the Rice-coded output updates;
+    a round trip, and every damaged block an error."""
+    rng = np.random.default_rng(0)
+    D = {(0, 0): rng.laplace(0, 3, (3, 9, 8)).round().clip(-127, 127).astype(np.int64)}
+    D[0, 2] = np.zeros((3, 9, 8), dtype=np.int64)
+    D[0, 2][1, 4, 5] = -127
+    p = {(1, 1): torch.full((3, 22), 3)}
+    data = adapt.to_bytes(p, 3, D)
+    assert data[:4] == bytes([0b10000, 0b101]) + write_varint(len(data) - 4)  # a 2-byte count
+    back, deltas, n = adapt.from_bytes(data + b"rest", 2, 3, 22, (9, 8))
+    assert n == len(data) and torch.equal(back[1, 1], p[1, 1])
+    assert set(deltas) == set(D) and all(np.array_equal(deltas[k], D[k]) for k in D)
+    assert adapt.from_bytes(adapt.to_bytes({}, 3, {}), 2, 3, 22, (9, 8)) == ({}, {}, 3)
+    first = 4 + 66  # the first update's byte count
+    for bad in (
+        data[:-1],  # cut
+        data[:2] + bytes([data[2] - 1]) + data[3:],  # a byte count one short
+        data[:first] + bytes([data[first], 8]) + data[first + 2 :],  # Rice parameter 8
+        bytes([0, 1 << 6, 0]),  # a level past 2
+    ):
+        with pytest.raises(CorruptFileError):
+            adapt.from_bytes(bad, 2, 3, 22, (9, 8))
+    with pytest.raises(CorruptFileError):  # a set padding bit
+        adapt.from_rice(adapt.rice_bytes(np.zeros(3, dtype=np.int64))[:1] + b"\x1f", 3)
+    with pytest.raises(CorruptFileError):  # beyond DELTA_LIMIT
+        adapt.from_rice(adapt.rice_bytes(np.full(10, 200)), 10)
+
+
+def test_output_update_changes_are_exact_integers():
+    """delta_q (float64 products of small integers) equals the int64 sum, shifted to the parameters' units."""
+    rng = np.random.default_rng(1)
+    D = rng.integers(-127, 128, (3, 9, 48))
+    f = torch.from_numpy(rng.integers(0, 256, (48, 5000)).astype(np.uint8))
+    want = np.einsum("ckh,hn->ckn", D, f.numpy().astype(np.int64)) << (16 - adapt.DELTA_FRAC)
+    assert np.array_equal(adapt.delta_q(D, f), want)
+
+
+def test_output_updates_round_trip_and_are_checked(tiny_ar, monkeypatch):
+    """A file whose slots carry output updates (version 7; accepted here whatever they save) decodes exactly;
+    the updates change the coding (other updates give a CRC error, never other pixels)."""
+    fit_slot = adapt.fit_slot
+
+    def keep_updates(segments, C, K, *plan):
+        p, saved = fit_slot(segments, C, K, *plan)
+        return p, (saved + (1 << 40) if len(plan) > 3 else saved)
+
+    monkeypatch.setattr(adapt, "fit_slot", keep_updates)
+    monkeypatch.setattr(adapt, "DELTA_MIN_SYMBOLS", 0)
+    im = Image.fromarray(photo(96, 64, seed=6))
+    data = idfzip.compress(im, tiny_ar, effort=8)
+    c = Container.from_bytes(data)
+    assert c.version == 7 and c.adapted
+    assert idfzip.decompress(data, tiny_ar).tobytes() == im.tobytes()
+    cfg = tiny_ar.flow.config
+    K = cfg.mixtures
+    params, deltas, n = adapt.from_bytes(c.tiles[0], cfg.levels, 3, 4 + 6 * K, (3 * K, cfg.prior_hidden))
+    assert deltas and any(d.any() for d in deltas.values())
+    key = next(k for k in sorted(deltas) if deltas[k].any())
+    deltas[key] = -deltas[key]
+    bad = Container.from_bytes(data)
+    bad.tiles = [adapt.to_bytes(params, 3, deltas) + c.tiles[0][n:]]
+    with pytest.raises(CorruptFileError):
+        idfzip.decompress(bad.to_bytes(), tiny_ar)

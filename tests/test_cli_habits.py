@@ -3,6 +3,7 @@ checks structure, clear messages for the rough edges new users hit."""
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -313,7 +314,11 @@ def test_effort_option_and_info(run, tmp_path):
         assert r.exit_code == 0, r.output
     assert sizes[7] < sizes[1]
     r = run("info", tmp_path / "e7.idfz")
-    assert "version 6" in r.output and "per-component offsets" in r.output
-    assert "adapted" not in run("info", tmp_path / "e1.idfz").output
+    assert "version 6" in r.output and "per-component offsets" in r.output and "effort:      7-9" in r.output
+    r = run("info", tmp_path / "e1.idfz")
+    assert "adapted" not in r.output and "effort:      1," in r.output
+    r = run("info", Path(__file__).parent / "golden" / "rgb_e8.idfz")  # version 7: output updates
+    assert "version 7" in r.output and "effort:      8-9" in r.output
+    assert re.search(r"updated:     \d+ slots' network output layers; \d+ bytes of fitted parameters", r.output)
     r = run("compress", "--effort", "10", src)
     assert r.exit_code == 2 and "10 is not in the range 1<=x<=9" in r.output

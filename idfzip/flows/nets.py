@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -234,14 +235,17 @@ def _conv_float(src: torch.Tensor, w: torch.Tensor, Wp: int, n: int) -> torch.Te
     return _combine(y.int())
 
 
-def _int_stack(a: torch.Tensor, hidden: list, w_out: torch.Tensor, beta, scale, bias) -> torch.Tensor:
+def _int_stack(
+    a: torch.Tensor, hidden: list, w_out: torch.Tensor, beta, scale, bias, feats: torch.Tensor | None = None
+) -> torch.Tensor:
     """The hidden 3x3 layers and the output layer of the integer mode on first-layer activations ``a`` (B, C,
     H, W), int8 (activation - 128). Each image lives in a flat buffer of (H + 3) x (W + 2) positions by C
     channels as in ``_hidden_stack`` (padding: activation 0, stored as -128); a layer multiplies the nine
     shifted row ranges by the layer's weight halves (with int8 buffers gathered into one (positions, 9 C)
     matrix for ``torch._int_mm``; with float32 buffers, where that is slow, by ``_conv_float``), adds beta
     (bias, the offset's correction, half a unit), shifts right per channel and clamps to 0..255. The output
-    layer gives (sum + beta) * scale + bias in float64 (B, out, H, W)."""
+    layer gives (sum + beta) * scale + bias in float64 (B, out, H, W); ``feats`` (B, C, H, W), if given, receives
+    the activations it multiplies (0..255, the last hidden layer's)."""
     B, C, H, W = a.shape
     Wp = W + 2
     n = H * Wp
@@ -267,7 +271,10 @@ def _int_stack(a: torch.Tensor, hidden: list, w_out: torch.Tensor, beta, scale, 
                 y.view(H, Wp, C)[:, W:] = -128
                 dst[Wp + 1 : Wp + 1 + n] = y
                 src, dst = dst, src
-            r = _imm(src[Wp + 1 : Wp + 1 + n].contiguous(), w_out).add_(beta).double().mul_(scale).add_(bias)
+            last = src[Wp + 1 : Wp + 1 + n].contiguous()
+            if feats is not None:
+                feats[i] = (last.view(H, Wp, C)[:, :W].permute(2, 0, 1).to(torch.int16) + 128).to(feats.dtype)
+            r = _imm(last, w_out).add_(beta).double().mul_(scale).add_(bias)
             out[i] = r.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
     return out
 
@@ -468,24 +475,30 @@ class ConvNet(nn.Module):
             return out
         return r if out is None else out.add_(r)
 
-    def _exact_int(self, x: torch.Tensor) -> torch.Tensor:
+    def _exact_int(self, x: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
         (w0, b0, n_lin), hidden, last = self._int
         x = torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP)
         r = _conv_strips(x, w0, b0)
         out = r[:, :n_lin] if n_lin else None
         a = r[:, n_lin:].floor_().clamp_(0, ACT_LEVELS).sub_(128).to(torch.int8)
-        res = _int_stack(a, hidden, *last)
+        res = _int_stack(a, hidden, *last, feats)
         return res if out is None else res.add_(out)
 
     @torch.no_grad()
-    def exact(self, x: torch.Tensor, integer: bool = False) -> torch.Tensor:
+    def exact(self, x: torch.Tensor, integer: bool = False, feats: torch.Tensor | None = None) -> torch.Tensor:
         """Exact evaluation of integer-valued ``x`` (any float or int dtype), in strips of rows, as float64: the
-        integer mode (version 5) when ``integer``, else float64 fixed point."""
+        integer mode (version 5) when ``integer``, else float64 fixed point. ``feats`` (integer mode only; B,
+        hidden, H, W, an integer dtype), if given, receives the last hidden layer's activations, 0..255 in
+        units of 2**act_exp (version 7's output updates, idfzip.adapt, are products with them)."""
         if self._frozen is None or self._frozen[0][0].device != x.device:
             self.freeze(x.device)
         if integer and self._int is None and self.convs[:-1]:
             raise ValueError("the integer mode needs a calibrated model")
         fn = self._exact_int if integer and self._int is not None else self._exact
+        if feats is not None:
+            if fn != self._exact_int:
+                raise ValueError("hidden activations are given in the integer mode only")
+            fn = partial(fn, feats=feats)
         x = x.double()
         if x.is_cuda:  # cuDNN may pick FFT/Winograd algorithms, which are not exact: use plain GEMM kernels
             with torch.backends.cudnn.flags(enabled=False):
@@ -493,15 +506,22 @@ class ConvNet(nn.Module):
         return self._exact_strips(x, fn)
 
     def _exact_strips(self, x: torch.Tensor, fn) -> torch.Tensor:
-        """``fn`` on strips of rows, each with the rows either side its outputs depend on."""
+        """``fn`` on strips of rows, each with the rows either side its outputs depend on (and its ``feats``, if
+        any, on the same strips)."""
         B, _, H, W = x.shape
         rows = max(1, STRIP_POSITIONS // max(1, B * W))
         if rows >= H:
             return fn(x)
+        feats = fn.keywords["feats"] if isinstance(fn, partial) else None
         halo = self.halo
         out = torch.empty(B, self.out_ch, H, W, dtype=torch.float64, device=x.device)
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             a, b = max(0, r0 - halo), min(H, r1 + halo)
-            out[:, :, r0:r1] = fn(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
+            if feats is None:
+                out[:, :, r0:r1] = fn(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
+                continue
+            f = feats.new_empty(feats.shape[:2] + (b - a, W))
+            out[:, :, r0:r1] = fn.func(x[:, :, a:b], feats=f)[:, :, r0 - a : r0 - a + (r1 - r0)]
+            feats[:, :, r0:r1] = f[:, :, r0 - a : r0 - a + (r1 - r0)]
         return out
