@@ -31,10 +31,11 @@ where f_i (0..255) are the net's last hidden activations at that position (``Con
 in its calibrated unit, so D = 1 moves a parameter by at most 255 / 2**DELTA_FRAC. |D| <= DELTA_LIMIT, hidden
 terms: sums of at most 127 * 255 * hidden (below 2**21 for natural's 48), integers on every machine. The
 encoder fits D in float32 (``fit_delta``, charging for its bytes) jointly with stand-ins for the transforms,
-rounds it, fits the transforms on top, and keeps D only where the bits it saves exceed its bytes. A version 7 block is: the varint mask, a second varint mask (bit 3l + j: slot j of level l
-updated), a varint byte count of the rest of the block, the parameters as above, then per updated slot in
-mask order a varint byte count, a byte r (Rice parameter, 0..7) and the C * 3K * hidden zigzagged values of D
-(channel, parameter, hidden unit) Rice-coded with parameter r, most significant bit first, zero-padded.
+rounds it, fits the transforms on top, and keeps D only where the bits it saves exceed its bytes. A version 7 block
+is: the varint mask, a second varint mask (bit 3l + j: slot j of level l updated), a varint byte count of the rest
+of the block, the parameters as above, then per updated slot in mask order a varint byte count, a byte r (Rice
+parameter, 0..7) and the C * 3K * hidden zigzagged values of D (channel, parameter, hidden unit) Rice-coded with
+parameter r, most significant bit first, zero-padded.
 """
 
 from __future__ import annotations

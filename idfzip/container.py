@@ -256,7 +256,7 @@ class Container:
         return c
 
 
-def block_facts(stream: bytes) -> tuple[int, int, int]:
+def _block_facts(stream: bytes) -> tuple[int, int, int]:
     """(adapted slots, updated slots, bytes) of the version 7 adaptation block that starts a tile stream (its
     two masks and byte count come first, idfzip.adapt)."""
     r = Reader(stream, "tile stream")
@@ -275,7 +275,7 @@ def _adaptation(c: Container) -> dict:
             "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0"),  # mask varint 0: not adapted
             "adapted_slots": sum(bin(Reader(t, "tile stream").varint()).count("1") for t in c.tiles),
         }
-    facts = [block_facts(t) for t in c.tiles]
+    facts = [_block_facts(t) for t in c.tiles]
     return {
         "adapted_tiles": sum(1 for a, u, _ in facts if a or u),
         "adapted_slots": sum(a for a, _, _ in facts),

@@ -31,20 +31,21 @@ def updates_kept(given: adapt.Deltas | None = None):
     ``given`` ((level, slot) -> D, one tile): these updates instead of fitted ones (the float fit's integers
     can differ between kinds of CPU; all that follows from them may not)."""
     saved_state = adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot, adapt.fit_delta
-    fit_slot, fit_delta = adapt.fit_slot, adapt.fit_delta
+    fit_slot = adapt.fit_slot
 
     def keep(segments, C, K, *plan):
         p, saved = fit_slot(segments, C, K, *plan)
         return p, saved + (1 << 40) if len(plan) > 3 else saved  # plan[3]: the updates
 
-    flow = load_shipped("natural").flow
-    order = iter(dict.fromkeys((s.level, s.slot) for s in reversed(schedule(flow)) if s.level < flow.config.levels))
-
-    def stored(segments, f, C, K, *plan):  # the encoder fits the slots in reversed schedule order
-        return given.get(next(order), np.zeros((C, 3 * K, f.shape[0]), dtype=np.int64))
-
     adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot = 0, keep
     if given is not None:
+        flow = load_shipped("natural").flow
+        levels = flow.config.levels
+        order = iter(dict.fromkeys((s.level, s.slot) for s in reversed(schedule(flow)) if s.level < levels))
+
+        def stored(segments, f, C, K, *plan):  # the encoder fits the slots in reversed schedule order
+            return given.get(next(order), np.zeros((C, 3 * K, f.shape[0]), dtype=np.int64))
+
         adapt.fit_delta = stored
     try:
         yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from idfzip.planes import encode_meta
 from idfzip.zoo import load, save_model
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # make_golden's writers, for the tests
 
 
 def make_model(tmp_path: Path, name: str = "tiny", calibrated: bool = True, **cfg) -> object:

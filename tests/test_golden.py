@@ -12,11 +12,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from make_golden import FILES as CURRENT  # scripts/, on the path through conftest
+from make_golden import GOLDEN, write
 from PIL import Image
 
 import idfzip
@@ -24,10 +25,6 @@ from idfzip import adapt
 from idfzip.container import Container
 from idfzip.errors import CorruptFileError
 from idfzip.zoo import load_shipped
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from make_golden import FILES as CURRENT  # noqa: E402
-from make_golden import GOLDEN, write  # noqa: E402
 
 
 def _source(name: str) -> Image.Image:

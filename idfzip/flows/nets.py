@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -495,33 +494,31 @@ class ConvNet(nn.Module):
         if integer and self._int is None and self.convs[:-1]:
             raise ValueError("the integer mode needs a calibrated model")
         fn = self._exact_int if integer and self._int is not None else self._exact
-        if feats is not None:
-            if fn != self._exact_int:
-                raise ValueError("hidden activations are given in the integer mode only")
-            fn = partial(fn, feats=feats)
+        if feats is not None and fn != self._exact_int:
+            raise ValueError("hidden activations are given in the integer mode only")
         x = x.double()
         if x.is_cuda:  # cuDNN may pick FFT/Winograd algorithms, which are not exact: use plain GEMM kernels
             with torch.backends.cudnn.flags(enabled=False):
-                return self._exact_strips(x, fn)
-        return self._exact_strips(x, fn)
+                return self._exact_strips(x, fn, feats)
+        return self._exact_strips(x, fn, feats)
 
-    def _exact_strips(self, x: torch.Tensor, fn) -> torch.Tensor:
-        """``fn`` on strips of rows, each with the rows either side its outputs depend on (and its ``feats``, if
-        any, on the same strips)."""
+    def _exact_strips(self, x: torch.Tensor, fn, feats: torch.Tensor | None = None) -> torch.Tensor:
+        """``fn`` on strips of rows, each with the rows either side its outputs depend on (and ``feats``, if
+        given, filled through ``fn``'s on the same strips)."""
         B, _, H, W = x.shape
         rows = max(1, STRIP_POSITIONS // max(1, B * W))
         if rows >= H:
-            return fn(x)
-        feats = fn.keywords["feats"] if isinstance(fn, partial) else None
+            return fn(x) if feats is None else fn(x, feats=feats)
         halo = self.halo
         out = torch.empty(B, self.out_ch, H, W, dtype=torch.float64, device=x.device)
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
             a, b = max(0, r0 - halo), min(H, r1 + halo)
+            keep = slice(r0 - a, r0 - a + (r1 - r0))
             if feats is None:
-                out[:, :, r0:r1] = fn(x[:, :, a:b])[:, :, r0 - a : r0 - a + (r1 - r0)]
+                out[:, :, r0:r1] = fn(x[:, :, a:b])[:, :, keep]
                 continue
             f = feats.new_empty(feats.shape[:2] + (b - a, W))
-            out[:, :, r0:r1] = fn.func(x[:, :, a:b], feats=f)[:, :, r0 - a : r0 - a + (r1 - r0)]
-            feats[:, :, r0:r1] = f[:, :, r0 - a : r0 - a + (r1 - r0)]
+            out[:, :, r0:r1] = fn(x[:, :, a:b], feats=f)[:, :, keep]
+            feats[:, :, r0:r1] = f[:, :, keep]
         return out
