@@ -36,6 +36,8 @@ is: the varint mask, a second varint mask (bit 3l + j: slot j of level l updated
 of the block, the parameters as above, then per updated slot in mask order a varint byte count, a byte r (Rice
 parameter, 0..7) and the C * 3K * hidden zigzagged values of D (channel, parameter, hidden unit) Rice-coded with
 parameter r, most significant bit first, zero-padded.
+
+Versions 8, 9 and 10 have the blocks of versions 5, 6 and 7 (they differ in the coding only, idfzip.coding).
 """
 
 from __future__ import annotations

@@ -191,9 +191,9 @@ def _write(dst: Path, data: bytes, force: bool) -> None:
 
 def _effort(d: dict) -> str:
     """The efforts that write what ``inspect`` found (a file does not record its effort)."""
-    if d["version"] >= 7:
+    if d["layout"] >= 7:
         return "8-9 (adaptation with offsets and output-layer updates)"
-    if d["version"] == 6:
+    if d["layout"] == 6:
         return "7-9 (adaptation with offsets)"
     if d["adapted_tiles"]:
         return "2-6 (adaptation)" if d["version"] >= 4 else "adapted (written before efforts existed)"
@@ -590,7 +590,8 @@ def info(inputs, as_json, quiet, verbose):
         lines = [
             f"file:        {_name(src)}",
             f"format:      .idfz version {d['version']}"
-            + ("" if d["version"] >= 4 else " (float coding tables: decodes on the kind of machine that wrote it)"),
+            + ("" if d["version"] >= 4 else " (float coding tables: decodes on the kind of machine that wrote it)")
+            + (" (split windows)" if d["split_windows"] else ""),
             f"image:       {d['width']}x{d['height']} {d['mode']}",
             f"size:        {d['bytes']} bytes, {d['bpd']:.4f} bits per sub-pixel",
             f"model:       {d['model'] or 'a shipped model not installed here'} (sha256 {d['model_sha256_prefix']}...)"
@@ -601,7 +602,7 @@ def info(inputs, as_json, quiet, verbose):
             grid = "1 (the whole image)" if d["tiles"] == 1 else f"{d['tiles']} of {d['tile']}x{d['tile']}"
             lines.append(f"tiles:       {grid}, {d['flow_bytes']} bytes")
             if d["adapted_tiles"]:
-                how = "4 numbers and per-component offsets" if d["version"] >= 6 else "4 numbers"
+                how = "4 numbers and per-component offsets" if d["layout"] >= 6 else "4 numbers"
                 lines.append(
                     f"adapted:     {d['adapted_tiles']} of {d['tiles']} tiles, {d['adapted_slots']} slots "
                     f"(priors fitted to the image: {how} per slot and channel)"

@@ -18,7 +18,17 @@ from PIL import Image
 
 from . import adapt
 from .coding import Decoder, Encoder, max_symbols
-from .container import MAX_PIXELS, MAX_SIDE, MAX_TILE, MODEL_HASH_BYTES, Container
+from .container import (
+    MAX_PIXELS,
+    MAX_SIDE,
+    MAX_TILE,
+    MODEL_HASH_BYTES,
+    SPLIT,
+    VERSION,
+    Container,
+    layout,
+    split_windows,
+)
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
 from .priors import FloatMixture, IntMixture
@@ -275,7 +285,7 @@ def _encode_tile(
     fitting = bool(plan.delta) and version >= 5 and flow.config.prior_hidden > 0  # the updates need hidden layers
     tile = _Tile(flow, H, W, device, version, {}, {}, fitting)
     tile.encode(rgb)
-    enc = Encoder()
+    enc = Encoder(split=split_windows(version))
     fitted = set()
     share = rgb.shape[0] * rgb.shape[1] / _symbols(flow, H, W)
     for seg in reversed(schedule(flow)):
@@ -313,14 +323,14 @@ def _decode_tile(
     deltas: adapt.Deltas = {}
     if adapted:
         K = flow.config.mixtures
-        width = 4 + 6 * K if version >= 6 else 4
-        shape = (3 * K, flow.config.prior_hidden) if version >= 7 else None
+        width = 4 + 6 * K if layout(version) >= 6 else 4
+        shape = (3 * K, flow.config.prior_hidden) if layout(version) >= 7 else None
         params, deltas, n = adapt.from_bytes(data, flow.config.levels, flow.config.channels, width, shape)
         data = data[n:]
     portable = version >= 4
     if portable and _symbols(flow, H, W) > max_symbols(len(data)):
         raise CorruptFileError("entropy-coded stream is too short for its tile")
-    dec = Decoder(data, portable)
+    dec = Decoder(data, portable, split_windows(version))
     tile = _Tile(flow, H, W, device, version, params, deltas)
     share = w * h / _symbols(flow, H, W)
     for seg in schedule(flow):
@@ -349,7 +359,8 @@ def _encode_rgb(
     progress: Progress,
 ) -> tuple[list[bytes], bool, int, float]:
     """(tile streams, whether they start with adaptation blocks, the format version they need, ideal code
-    length in bits): ``version``, or 6 where the blocks hold offsets, 7 where some also hold output updates."""
+    length in bits): ``version``, or the one with layout 6 where the blocks hold offsets, 7 where some also hold
+    output updates (9 and 10 with split windows)."""
     h, w = rgb.shape[:2]
     coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
@@ -359,10 +370,11 @@ def _encode_rgb(
     # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
     if not any(params or deltas for params, deltas, _ in coded):
         return [s for _, _, s in coded], False, version, bits
-    version = 7 if any(deltas for _, deltas, _ in coded) else 6 if plan.offsets else version
+    base = 7 if any(deltas for _, deltas, _ in coded) else 6 if plan.offsets else layout(version)
+    version = base + (SPLIT if split_windows(version) else 0)
     C = model.flow.config.channels
     return (
-        [adapt.to_bytes(params, C, deltas if version >= 7 else None) + s for params, deltas, s in coded],
+        [adapt.to_bytes(params, C, deltas if base >= 7 else None) + s for params, deltas, s in coded],
         True,
         version,
         bits,
@@ -414,8 +426,11 @@ def compress_with_stats(
         c.model_name = "" if is_shipped(mdl) else mdl.name
         c.model_hash = mdl.sha256[:MODEL_HASH_BYTES]
         c.tile = 0 if max(im.width, im.height) <= tile else tile
-        # a calibrated model runs its networks in integer arithmetic (version 5); others write version 4
-        c.version = 5 if mdl.flow.integer else 4
+        # a calibrated model runs its networks in integer arithmetic and splits wide windows (version 8); others
+        # write version 4
+        c.version = VERSION if mdl.flow.integer else 4
+        if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only
+            plan = FitPlan(plan.symbols)
         c.tiles, c.adapted, c.version, stats.nll_bits = _encode_rgb(
             mdl, rgb, c.tile_side, device, c.version, plan, progress
         )

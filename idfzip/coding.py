@@ -2,16 +2,22 @@
 
 A *segment* is an array of integer symbols with one mixture each (:class:`~idfzip.priors.IntMixture`, or
 for files before version 4 :class:`~idfzip.priors.FloatMixture`). Within a segment the symbols are split by
-window width class (ascending), each class coded in position order in chunks of a fixed number of symbols per
-table, under ``Categorical(perfect=False)`` tables built by the mixture; a symbol outside its window is coded
+window width class (ascending), each class coded in position order in chunks (version 4 on: of at most
+MAX_CHUNK symbols), under ``Categorical(perfect=False)`` tables built by the mixture; a symbol outside its window is coded
 as the escape entry. Version 4 has two stages: every symbol is first coded in its narrow *core* window
 (``IntMixture.table``), then the symbols that escaped it in their wider *tail* window (``tail_table``, the
 mixture outside the core, renormalised), grouped by tail width class in position order; versions 1-3 have one
 window. What escapes the last stage is sent raw as two 16-bit uniform symbols after all the categorical
 symbols of the segment. The decoder rebuilds exactly the same chunks in the same order, so the tables it
-builds are the encoder's. (The version-4 encoder does not build the core stage's tables: it codes each symbol
-under a 3-entry row with the same cumulative frequency and frequency, ``IntMixture.symbol_rows``, which moves
-the coder's state exactly as the whole table would.)
+builds are the encoder's. *Split windows* (versions 8-10): a core window of a width with a stride g > 1
+(priors.STRIDES) is coded as its bucket of g entries (``IntMixture.table`` with the stride, the escape as
+before), and after the core stage of every class, the symbols of the split classes that did not escape are
+coded within their buckets (``inner_table``), class by class in position order: about 2 sqrt(w) table entries
+per symbol instead of w + 1, at the same bits to within rounding.
+
+(The version-4 encoder does not build the core stage's tables: it codes each symbol under a 3-entry row with
+the same cumulative frequency and frequency, ``IntMixture.symbol_rows`` and ``inner_rows``, which moves the
+coder's state exactly as the whole table would.)
 
 ANS is a stack: segments must be pushed to :class:`Encoder` in the reverse of the order in which
 :class:`Decoder` pops them.
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 
 from .errors import CorruptFileError
-from .priors import PROB_BITS, WIDTHS, FloatMixture, IntMixture, one_thread
+from .priors import PROB_BITS, STRIDES, WIDTHS, FloatMixture, IntMixture, one_thread
 
 _CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 _U16 = constriction.stream.model.Uniform(1 << 16)
@@ -64,8 +70,13 @@ def _sentinel_bits() -> int:
     return c.num_valid_bits()
 
 
-def _chunks(n: int, width: int, entries: int):
-    step = max(64, entries // (width + 1))
+def _chunks(n: int, entries_per_symbol: int, portable: bool):
+    """Chunks of a class of n symbols whose tables have ``entries_per_symbol`` entries (the float tables of
+    versions 1-3 depend on their chunks: those stay as they were)."""
+    if not portable:
+        step = max(64, TABLE_ENTRIES // entries_per_symbol)
+    else:
+        step = min(MAX_CHUNK, max(64, PORTABLE_TABLE_ENTRIES // entries_per_symbol))
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
@@ -76,19 +87,19 @@ def _plan(cls: torch.Tensor, rows: torch.Tensor | None = None):
     return [(WIDTHS[k], rows[c == k]) for k in torch.unique(c).tolist()]
 
 
-def _tables(mix: Mixture, centre: torch.Tensor, plan, core: torch.Tensor | None = None):
-    """(positions, width, table) of every chunk of a stage, in coding order; with ``core`` (the core widths
-    of every symbol) the tail tables of the second stage."""
-    entries = PORTABLE_TABLE_ENTRIES if mix.portable else TABLE_ENTRIES
+def _strides(plan, split: bool) -> dict[int, int]:
+    """Per width of a plan: the core stage's stride (split windows in versions 8-10, else 1)."""
+    return {width: STRIDES[width] if split else 1 for width, _ in plan}
+
+
+def _tables(mix: Mixture, plan, entries_per_symbol, make):
+    """(positions, width, table) of every chunk of a stage, in coding order: ``make(part, p, width)`` builds
+    the table of the chunk's positions p (mixture ``part``); ``entries_per_symbol(width)`` sizes the chunks."""
     for width, pos in plan:
         sub = mix.take(pos.numpy() if mix.portable else pos)
-        for a, b in _chunks(len(pos), width, entries):
+        for a, b in _chunks(len(pos), entries_per_symbol(width), mix.portable):
             p = pos[a:b]
-            part = sub.take(np.arange(a, b) if mix.portable else torch.arange(a, b))
-            if core is None:
-                yield p, width, part.table(centre[p], width)
-            else:
-                yield p, width, part.tail_table(centre[p], core[p], width)
+            yield p, width, make(sub.take(np.arange(a, b) if mix.portable else torch.arange(a, b)), p, width)
 
 
 def _windows(mix: Mixture):
@@ -99,11 +110,11 @@ def _windows(mix: Mixture):
     return centre, cls, None
 
 
-def _offsets(z: torch.Tensor, centre: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
+def _offsets(z: torch.Tensor, centre: torch.Tensor, pos: torch.Tensor, width: int, stride: int = 1) -> torch.Tensor:
     """The entries of symbols z[pos] in windows of ``width`` around their centres, ``width`` (the escape) if
-    outside."""
+    outside; with ``stride``, their buckets (offset // stride) and width // stride for the escape."""
     off = z[pos] - centre[pos] + width // 2
-    return torch.where((off < 0) | (off >= width), width, off)
+    return torch.where((off < 0) | (off >= width), width, off) // stride
 
 
 def _escaped(escaped: list[torch.Tensor], mix: Mixture) -> torch.Tensor:
@@ -118,10 +129,12 @@ def _threads(mix: Mixture):
 
 
 class Encoder:
-    def __init__(self, portable: bool = True) -> None:
-        """``portable``: a version-4 stream (sentinel first, integer tables only)."""
+    def __init__(self, portable: bool = True, split: bool = False) -> None:
+        """``portable``: a version-4 stream (sentinel first, integer tables only); ``split``: with split windows
+        (versions 8-10, the module docstring)."""
         self._coder = constriction.stream.stack.AnsCoder()
         self.portable = portable
+        self.split = split
         self.bits = 0.0  # ideal code length of everything pushed (the model's NLL under the coding tables)
         if portable:
             self._coder.encode_reverse(SENTINEL, _U16)
@@ -133,20 +146,37 @@ class Encoder:
         with _threads(mix):
             self._push(z, mix)
 
-    def _stage(self, z, mix, centre, plan, core=None) -> tuple[list, list[torch.Tensor]]:
-        """Tables and symbols of one stage's chunks, and the positions that escaped."""
+    def _counted(self, probs: np.ndarray, i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A chunk of 3-entry rows (``IntMixture.symbol_rows``), its code length added to ``bits``."""
+        f = probs[np.arange(len(i)), i].astype(np.float64) + 1
+        self.bits -= float(np.log2(f / (1 << PROB_BITS)).sum())
+        return i, probs
+
+    def _core(self, z, mix, centre, plan) -> tuple[list, list[torch.Tensor]]:
+        """The core stage, each symbol under its own 3-entry row (no whole tables), then with split windows
+        the second step of the symbols that did not escape their buckets; and the positions that escaped."""
+        strides = _strides(plan, self.split)
+        ops, inner, escaped = [], [], []
+        for width, pos in plan:
+            g = strides[width]
+            s = _offsets(z, centre, pos, width, g).numpy()
+            escaped.append(pos[s == width // g])
+            sub, c = mix.take(pos.numpy()), centre[pos].numpy()
+            ops.append(self._counted(*sub.symbol_rows(c, width, s, g)))
+            if g > 1:
+                keep = np.flatnonzero(s < width // g)
+                off = (z[pos] - centre[pos] + width // 2).numpy()[keep] % g
+                inner.append(self._counted(*sub.take(keep).inner_rows(c[keep], width, g, s[keep], off)))
+        return ops + inner, escaped
+
+    def _stage(self, z, mix, centre, plan, make) -> tuple[list, list[torch.Tensor]]:
+        """Tables (``make``, as for ``_tables``) and symbols of a stage's chunks, and the positions that
+        escaped."""
         ops = []
         entries = {width: _offsets(z, centre, pos, width) for width, pos in plan}
         escaped = [pos[entries[width] == width] for width, pos in plan]
-        if mix.portable and core is None:  # the core stage: each symbol's own frequencies, no whole tables
-            for width, pos in plan:
-                probs, i = mix.take(pos.numpy()).symbol_rows(centre[pos].numpy(), width, entries[width].numpy())
-                f = probs[np.arange(len(i)), i].astype(np.float64) + 1
-                self.bits -= float(np.log2(f / (1 << PROB_BITS)).sum())
-                ops.append((i, probs))
-            return ops, escaped
         done = dict.fromkeys(entries, 0)
-        for pos, width, probs in _tables(mix, centre, plan, core):
+        for pos, width, probs in _tables(mix, plan, lambda w: w + 1, make):
             s = entries[width][done[width] : done[width] + len(pos)]
             done[width] += len(pos)
             rows = torch.arange(len(pos))
@@ -163,11 +193,14 @@ class Encoder:
         if z.numel() != len(mix):
             raise ValueError("symbol count does not match the parameters")
         centre, core, tail = _windows(mix)
-        ops, escaped = self._stage(z, mix, centre, _plan(core))
+        if mix.portable:
+            ops, escaped = self._core(z, mix, centre, _plan(core))
+        else:
+            ops, escaped = self._stage(z, mix, centre, _plan(core), lambda part, p, w: part.table(centre[p], w))
         esc = _escaped(escaped, mix)
         if tail is not None and esc.numel():  # version 4: the escaped symbols' tail stage, then raw words
             staged = esc[tail[esc] > core[esc]]
-            tail_ops, escaped = self._stage(z, mix, centre, _plan(tail, staged), torch.tensor(WIDTHS)[core])
+            tail_ops, escaped = self._stage(z, mix, centre, _plan(tail, staged), _tail_tables(centre, core))
             ops += tail_ops
             esc = torch.cat(escaped + [esc[tail[esc] == core[esc]]]).sort().values
         if esc.numel():
@@ -184,10 +217,18 @@ class Encoder:
         return self._coder.get_compressed().astype("<u4").tobytes()
 
 
+def _tail_tables(centre: torch.Tensor, core: torch.Tensor):
+    """``make`` for the tail stage's tables (``_tables``), given every symbol's core width class."""
+    core_width = torch.tensor(WIDTHS)[core]
+    return lambda part, p, width: part.tail_table(centre[p], core_width[p], width)
+
+
 class Decoder:
-    def __init__(self, data: bytes, portable: bool = True) -> None:
-        """``portable``: a version-4 stream (see the module docstring)."""
+    def __init__(self, data: bytes, portable: bool = True, split: bool = False) -> None:
+        """``portable``: a version-4 stream; ``split``: with split windows (versions 8-10; the module
+        docstring)."""
         self.portable = portable
+        self.split = split
         if len(data) % 4:
             raise CorruptFileError("entropy-coded stream has a length that is not a multiple of 4")
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
@@ -210,23 +251,46 @@ class Decoder:
             except BaseException as e:  # noqa: BLE001 - a Rust panic in constriction is a BaseException
                 raise CorruptFileError(f"entropy-coded stream cannot be decoded ({e})") from None
 
-    def _stage(self, z, mix, centre, plan, core=None) -> list[torch.Tensor]:
+    def _stage(self, z, mix, centre, plan, make, strides=None) -> list[torch.Tensor]:
+        """Decode a stage's chunks (tables from ``make``, as for ``_tables``) into z; the positions that escaped.
+        ``strides`` (per width, split windows): z gets the first value of each symbol's bucket."""
         escaped = []
-        for p, width, probs in _tables(mix, centre, plan, core):
+        stride = strides.get if strides else lambda w: 1
+        for p, width, probs in _tables(mix, plan, lambda w: w // stride(w) + 1, make):
             self._check_left()
             s = torch.from_numpy(self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64))
-            z[p] = centre[p] - width // 2 + s
-            escaped.append(p[s == width])
+            g = stride(width)
+            z[p] = centre[p] - width // 2 + s * g
+            escaped.append(p[s == width // g])
+        return escaped
+
+    def _core(self, z, mix, centre, plan) -> list[torch.Tensor]:
+        """The core stage, then with split windows the second step of the symbols inside their buckets."""
+        if not self.split:
+            return self._stage(z, mix, centre, plan, lambda part, p, w: part.table(centre[p], w))
+        strides = _strides(plan, True)
+        escaped = self._stage(z, mix, centre, plan, lambda part, p, w: part.table(centre[p], w, strides[w]), strides)
+        inner = []
+        for width, pos in plan:
+            if strides[width] > 1:
+                inner.append((width, pos[z[pos] - centre[pos] + width // 2 < width]))
+
+        def make(part, p, w):
+            return part.inner_table(centre[p], w, strides[w], ((z[p] - centre[p] + w // 2) // strides[w]).numpy())
+
+        for p, width, probs in _tables(mix, inner, strides.get, make):
+            self._check_left()
+            z[p] += torch.from_numpy(self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64))
         return escaped
 
     def _pop(self, mix: Mixture) -> torch.Tensor:
         z = torch.empty(len(mix), dtype=torch.long)
         centre, core, tail = _windows(mix)
-        escaped = self._stage(z, mix, centre, _plan(core))
+        escaped = self._core(z, mix, centre, _plan(core))
         esc = _escaped(escaped, mix)
         if tail is not None and esc.numel():
             staged = esc[tail[esc] > core[esc]]
-            escaped = self._stage(z, mix, centre, _plan(tail, staged), torch.tensor(WIDTHS)[core])
+            escaped = self._stage(z, mix, centre, _plan(tail, staged), _tail_tables(centre, core))
             esc = torch.cat(escaped + [esc[tail[esc] == core[esc]]]).sort().values
         if esc.numel():
             self._check_left()

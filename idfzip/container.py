@@ -15,9 +15,22 @@ from .errors import CorruptFileError, UnsupportedVersionError
 from .registry import shipped_name
 
 MAGIC = b"IDZ"
-VERSION = 5  # what writers write (4 with a model never calibrated; 6 at efforts that send adaptation offsets,
-# 7 where they also send output updates)
-READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # what readers read
+VERSION = 8  # what writers write (4 with a model never calibrated; 9 at efforts that send adaptation offsets,
+# 10 where they also send output updates)
+READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # what readers read
+SPLIT = 3  # versions 8, 9 and 10 are versions 5, 6 and 7 with split windows (idfzip.coding)
+
+
+def layout(version: int) -> int:
+    """The version whose layout a file of ``version`` follows apart from split windows (8-10: 5-7)."""
+    return version - SPLIT if version >= 5 + SPLIT else version
+
+
+def split_windows(version: int) -> bool:
+    """Whether a file of ``version`` codes its wide windows in two steps (idfzip.coding)."""
+    return version >= 5 + SPLIT
+
+
 MAX_SIDE = 1 << 20
 MAX_PIXELS = 1 << 28
 MAX_TILE = 1 << 14
@@ -257,7 +270,7 @@ class Container:
 
 
 def _block_facts(stream: bytes) -> tuple[int, int, int]:
-    """(adapted slots, updated slots, bytes) of the version 7 adaptation block that starts a tile stream (its
+    """(adapted slots, updated slots, bytes) of the version 7 (and 10) adaptation block that starts a tile stream (its
     two masks and byte count come first, idfzip.adapt)."""
     r = Reader(stream, "tile stream")
     adapted, updated, size = r.varint(), r.varint(), r.varint()
@@ -270,7 +283,7 @@ def _adaptation(c: Container) -> dict:
     depends on the model)."""
     if not c.adapted:
         return {"adapted_tiles": 0, "adapted_slots": 0}
-    if c.version < 7:
+    if layout(c.version) < 7:
         return {
             "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0"),  # mask varint 0: not adapted
             "adapted_slots": sum(bin(Reader(t, "tile stream").varint()).count("1") for t in c.tiles),
@@ -295,6 +308,8 @@ def inspect(data: bytes) -> dict:
     n = c.width * c.height * bands
     return {
         "version": c.version,
+        "layout": layout(c.version),
+        "split_windows": split_windows(c.version),
         "mode": c.mode,
         "width": c.width,
         "height": c.height,

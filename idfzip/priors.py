@@ -165,6 +165,10 @@ CORE_TAIL_BITS = 6  # the core window leaves about 2**-6 of the mixture outside,
 TAIL_BITS = 17
 LN2_Q16 = 45426  # round(2**16 ln 2)
 BLOCK = 1 << 16  # table entries computed at a time (each int64 buffer 512 KiB, cache-sized)
+# Split windows (versions 8-10): a symbol in a window of width w with STRIDES[w] = g > 1 is coded in two steps,
+# its g-entry bucket among the w / g buckets (and the escape), then its entry within the bucket: about 2 sqrt(w)
+# CDF values per symbol for the decoder instead of w + 1.
+STRIDES = dict(zip(WIDTHS, (1, 1, 4, 4, 6, 8, 8, 8, 12, 16, 16, 16, 24, 32, 32, 32, 48, 64)))
 _HALF_LIMITS = (np.array(WIDTHS, dtype=np.int64) // 2) << PARAM_FRAC
 
 
@@ -317,59 +321,63 @@ class IntMixture:
         d = np.clip(e0 - self.means, -(1 << 33), 1 << 33)
         return ((d * inv) >> (PARAM_FRAC + 22 - X_FRAC)) + X_MAX, inv << (X_FRAC - 22)
 
-    def table(self, centre: torch.Tensor, width: int) -> torch.Tensor:
-        """(n, width + 1) frequencies f of z = centre - width/2 + j for j < width, then the escape, as float32
-        holding exact integers, with sum f = 2**24 - (width + 1): constriction's Categorical(perfect=False)
+    def table(self, centre: torch.Tensor, width: int, stride: int = 1) -> torch.Tensor:
+        """(n, e + 1) frequencies f of z = centre - width/2 + j for j < e = width / stride, then the escape, as
+        float32 holding exact integers, with sum f = 2**24 - (e + 1): constriction's Categorical(perfect=False)
         then codes entry j with probability exactly (f_j + 1) / 2**24 (its scale factor is exactly 1 and every
-        partial sum is an integer below 2**24, exact in float32). No entry exceeds MAX_FREQ.
+        partial sum is an integer below 2**24, exact in float32). No entry exceeds MAX_FREQ. With ``stride`` g
+        > 1 (split windows), entry j is the bucket of z = centre - width/2 + g j + i, i < g (``inner_table``).
 
         Entry j: with the mixture CDF C(e) = sum_k W_k Phi((e - M_k) / s_k) in units of 2**-39 at the edges
-        e_j = centre - width/2 + j - 1/2 and G_j = floor(C(e_j) * total / 2**39), total = 2**24 - width - 1,
-        f_j = G_{j+1} - G_j and f_width = total - (G_width - G_0); then any excess over MAX_FREQ moves to
-        the escape, and the escape's excess over MAX_FREQ to entry 0."""
+        e_j = centre - width/2 + g j - 1/2 and G_j = floor(C(e_j) * total / 2**39), total = 2**24 - e - 1,
+        f_j = G_{j+1} - G_j and f_e = total - (G_e - G_0); then any excess over MAX_FREQ moves to the
+        escape, and the escape's excess over MAX_FREQ to entry 0."""
         c = centre.numpy() if isinstance(centre, torch.Tensor) else centre
-        n, m = len(c), width + 1
+        e = width // stride
+        n, m = len(c), e + 1
         x0, dx = self._starts(c - width // 2)
         total = (1 << PROB_BITS) - m
         out = np.empty((n, m), dtype=np.float32)
         rows = max(1, BLOCK // m)
-        j = np.arange(m)[:, None]
+        j = np.arange(m)[:, None] * stride
         for a in range(0, n, rows):  # blocks laid out (entry, symbol): per-symbol operands are contiguous
             b = min(n, a + rows)
             g = _cdf(x0[:, a:b], dx[:, a:b], self.weights[:, a:b], j)
             g *= total
             g >>= WEIGHT_BITS + SIG_BITS
             f = np.empty_like(g)
-            np.subtract(g[1:], g[:-1], out=f[:width])
-            f[width] = total - (g[width] - g[0])
-            excess = np.maximum(f[:width] - MAX_FREQ, 0)
+            np.subtract(g[1:], g[:-1], out=f[:e])
+            f[e] = total - (g[e] - g[0])
+            excess = np.maximum(f[:e] - MAX_FREQ, 0)
             if excess.any():
-                f[:width] -= excess
-                f[width] += excess.sum(0)
-            excess = np.maximum(f[width] - MAX_FREQ, 0)
-            f[width] -= excess
+                f[:e] -= excess
+                f[e] += excess.sum(0)
+            excess = np.maximum(f[e] - MAX_FREQ, 0)
+            f[e] -= excess
             f[0] += excess
             out[a:b] = f.T
         return torch.from_numpy(out)
 
-    def symbol_rows(self, centre: np.ndarray, width: int, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The encoder's shortcut to ``table``: per symbol, its entry s (0 .. width, the escape) as entry i of a
-        3-entry table (float32 (n, 3), i (n,) int32) that gives it the cumulative frequency K and frequency F
-        that row s of ``table`` gives it under constriction's +1 (entries e code as e + 1 out of 2**24), so the
-        coder's state moves exactly as with the full row: [F - 1, 2**24 - F - 2, 0] (i = 0, s = 0),
-        [K - 1, F - 1, 2**24 - K - F - 1] (i = 1) or [0, K - 2, F - 1] (i = 2, the escape). It needs the CDF
-        at edges 0, s, s + 1 and width only (``table``: width + 1 edges).
+    def symbol_rows(
+        self, centre: np.ndarray, width: int, s: np.ndarray, stride: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's shortcut to ``table``: per symbol, its entry s (0 .. e = width / stride, the escape) as
+        entry i of a 3-entry table (float32 (n, 3), i (n,) int32) that gives it the cumulative frequency K and
+        frequency F that row s of ``table`` gives it under constriction's +1 (``_rows``), so the coder's state
+        moves exactly as with the full row. It needs the CDF at edges 0, s, s + 1 and e only (``table``: e + 1
+        edges).
 
-        With G_j as in ``table``: f_s = G_{s+1} - G_s, the escape's f_w = total - (G_w - G_0), and at most one
+        With G_j as in ``table``: f_s = G_{s+1} - G_s, the escape's f_e = total - (G_e - G_0), and at most one
         entry can exceed MAX_FREQ (> total / 2). Where neither side of s holds more than MAX_FREQ, only s or
         the escape can: s's excess goes to the escape, or the escape's to entry 0 (so K = G_s - G_0 plus that
         excess for s > 0). Elsewhere (an unlikely s in a very peaked mixture) the row is taken from ``table``."""
-        m = width + 1
+        e = width // stride
+        m = e + 1
         total = (1 << PROB_BITS) - m
         x0, dx = self._starts(centre - width // 2)
-        edges = np.stack([np.zeros_like(s), s, np.minimum(s + 1, width), np.full_like(s, width)])
+        edges = np.stack([np.zeros_like(s), s, np.minimum(s + 1, e), np.full_like(s, e)]) * stride
         g0, gs, gs1, gw = (_cdf(x0, dx, self.weights, edges) * total) >> (WEIGHT_BITS + SIG_BITS)
-        esc = s == width
+        esc = s == e
         f_w = total - (gw - g0)
         f_s = np.where(esc, f_w, gs1 - gs)
         over = np.maximum(f_s - MAX_FREQ, 0)  # s's own excess (to the escape, which then stays below)
@@ -380,22 +388,59 @@ class IntMixture:
         f = f_s + 1
         other = np.flatnonzero((gs - g0 > MAX_FREQ) | (gw - gs1 > MAX_FREQ))
         if len(other):
-            full = self.take(other).table(centre[other], width).numpy().astype(np.int64) + 1
-            so = s[other]
-            k[other] = np.where(np.arange(m) < so[:, None], full, 0).sum(1)
-            f[other] = full[np.arange(len(other)), so]
-        i = np.where(s == 0, 0, np.where(esc, 2, 1)).astype(np.int32)
-        top = 1 << PROB_BITS
-        rows = np.where(
-            (i == 0)[:, None],
-            np.stack([f - 1, top - f - 2, np.zeros_like(f)], 1),
-            np.where(
-                (i == 1)[:, None],
-                np.stack([k - 1, f - 1, top - k - f - 1], 1),
-                np.stack([np.zeros_like(f), k - 2, f - 1], 1),
-            ),
-        )
-        return rows.astype(np.float32), i
+            full = self.take(other).table(centre[other], width, stride).numpy().astype(np.int64) + 1
+            k[other], f[other] = _row_of(full, s[other])
+        return _rows(k, f, s, e)
+
+    def inner_table(self, centre: torch.Tensor, width: int, stride: int, bucket: np.ndarray) -> torch.Tensor:
+        """The second step of a split window (versions 8-10): (n, stride) frequencies of z = centre - width/2 +
+        stride * bucket + i, i < stride, given that z lies in that bucket, as float32 holding exact integers
+        with sum 2**24 - stride (no escape).
+
+        With the mixture CDF C_i at the bucket's edges (as in ``table``), D_i = C_i - C_0, the bucket's mass Q =
+        D_stride and total = 2**24 - stride: G_i = floor(D_i * total / max(Q, 1)) (below 2**63), f_i = G_{i+1}
+        - G_i and f_{stride-1} = total - G_{stride-1}; an entry above MAX_FREQ gives its excess to entry 0 (entry
+        1 if it is entry 0)."""
+        c = centre.numpy() if isinstance(centre, torch.Tensor) else centre
+        x0, dx = self._starts(c - width // 2)
+        d = _cdf(x0, dx, self.weights, bucket[None, :] * stride + np.arange(stride + 1)[:, None])
+        d -= d[0]
+        total = (1 << PROB_BITS) - stride
+        g = (d[:stride] * total) // np.maximum(d[stride], 1)
+        f = np.empty_like(g)
+        np.subtract(g[1:], g[:-1], out=f[: stride - 1])
+        f[stride - 1] = total - g[stride - 1]
+        excess = np.maximum(f - MAX_FREQ, 0)
+        to_first = excess[1:].sum(0)
+        f -= excess
+        f[0] += to_first
+        f[1] += excess[0]
+        return torch.from_numpy(np.ascontiguousarray(f.T, dtype=np.float32))
+
+    def inner_rows(
+        self, centre: np.ndarray, width: int, stride: int, bucket: np.ndarray, s: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The encoder's shortcut to ``inner_table`` as ``symbol_rows`` is to ``table``: entry s (0 .. stride - 1)
+        of each symbol's bucket as a 3-entry row, from the CDF at the bucket's edges and at s, s + 1. Where
+        neither side of s holds more than MAX_FREQ only s can exceed it (its excess going to entry 0, or to entry
+        1 when s = 0); elsewhere the row is taken from ``inner_table``."""
+        total = (1 << PROB_BITS) - stride
+        x0, dx = self._starts(centre - width // 2)
+        first = bucket * stride
+        d = _cdf(x0, dx, self.weights, np.stack([first, first + s, first + s + 1, first + stride]))
+        d -= d[0]
+        q = np.maximum(d[3], 1)
+        gs, gs1 = (d[1] * total) // q, (d[2] * total) // q
+        last = s == stride - 1
+        f_s = np.where(last, total - gs, gs1 - gs)
+        over = np.maximum(f_s - MAX_FREQ, 0)
+        f = f_s - over + 1
+        k = gs + np.where(s > 0, over, 0) + s
+        other = np.flatnonzero((gs > MAX_FREQ) | (np.where(last, 0, total - gs1) > MAX_FREQ))
+        if len(other):
+            full = self.take(other).inner_table(centre[other], width, stride, bucket[other])
+            k[other], f[other] = _row_of(full.numpy().astype(np.int64) + 1, s[other])
+        return _rows(k, f, s, stride - 1)
 
     def tail_table(self, centre: torch.Tensor, core: torch.Tensor, width: int) -> torch.Tensor:
         """The second stage, for symbols that escaped their core window (``core``: its widths, per row): (n,
@@ -429,6 +474,25 @@ class IntMixture:
         x0, dx = self._starts(z)
         cdf = _cdf(x0, dx, self.weights, np.arange(2)[:, None])
         return ((WEIGHT_BITS + SIG_BITS) << 16) - log2_q16(np.maximum(cdf[1] - cdf[0], 1))
+
+
+def _row_of(full: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative frequency and frequency of entry s of each row of ``full`` (frequencies with the +1)."""
+    return np.where(np.arange(full.shape[1]) < s[:, None], full, 0).sum(1), full[np.arange(len(s)), s]
+
+
+def _rows(k: np.ndarray, f: np.ndarray, s: np.ndarray, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """3-entry tables (float32 (n, 3)) and indices i (n,) int32 under which constriction's +1 gives entry s of
+    a table with entries 0 .. ``last`` its cumulative frequency k and frequency f (both with the +1), so the
+    coder's state moves exactly as with the full table: [f - 1, 2**24 - f - 2, 0] (i = 0, s = 0),
+    [k - 1, f - 1, 2**24 - k - f - 1] (i = 1) or [0, k - 2, f - 1] (i = 2, s = last)."""
+    first, end = s == 0, s == last
+    top = 1 << PROB_BITS
+    rows = np.empty((len(s), 3), dtype=np.float32)
+    rows[:, 0] = np.where(first, f - 1, np.where(end, 0, k - 1))
+    rows[:, 1] = np.where(first, top - f - 2, np.where(end, k - 2, f - 1))
+    rows[:, 2] = np.where(first, 0, np.where(end, f - 1, top - k - f - 1))
+    return rows, np.where(first, 0, np.where(end, 2, 1)).astype(np.int32)
 
 
 def _sum(a: np.ndarray) -> np.ndarray:

@@ -2,7 +2,8 @@
 PNGs beside them, with the shipped `natural` model (tests/test_golden.py decodes them and requires re-encoding to
 give the same bytes). Run only when the container version changes; never to make a failing test pass.
 
-The {rgb,rgba,tiled}_v4.idfz files were written the same way by commit 88ca5f9 (version 4, float64
+The {rgb,rgba,tiled}_v5.idfz, rgb_e7_v6.idfz and rgb_e8_v7.idfz files were written the same way by commit
+df9838d (versions 5-7, before split windows), the {rgb,rgba,tiled}_v4.idfz files by commit 88ca5f9 (version 4, float64
 networks) with the shipped model before its calibration. The legacy_v{1,2,3}.idfz files were written by idfzip at commit b7424ea (version 3, the last float-table
 build) from legacy.png: v3 as `idfzip.compress(im, "natural")`, v2 and v1 as that build's unadapted stream in
 the older layouts."""
@@ -20,13 +21,13 @@ from idfzip.zoo import load_shipped
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
 FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}, "rgb_e8": {"effort": 8}}
-# name -> compress options. rgb_e7.idfz (version 6: adaptation with offsets) and rgb_e8.idfz (version 7: output
+# name -> compress options. rgb_e7.idfz (version 9: adaptation with offsets) and rgb_e8.idfz (version 10: output
 # updates, written under ``updates_kept``) are written from rgb.png
 
 
 @contextmanager
 def updates_kept(given: adapt.Deltas | None = None):
-    """Output updates (version 7) fitted for every slot and kept whatever they save: by default only slots of
+    """Output updates (versions 7 and 10) fitted for every slot and kept whatever they save: by default only slots of
     adapt.DELTA_MIN_SYMBOLS symbols or more get them (where they pay), and a small golden image has none.
     ``given`` ((level, slot) -> D, one tile): these updates instead of fitted ones (the float fit's integers
     can differ between kinds of CPU; all that follows from them may not)."""

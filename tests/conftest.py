@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # m
 
 def make_model(tmp_path: Path, name: str = "tiny", calibrated: bool = True, **cfg) -> object:
     """A small randomly initialised model (random prior weights) saved and loaded like a shipped one;
-    ``calibrated``: for the integer mode, on four smooth random images (its files are version 5, else 4)."""
+    ``calibrated``: for the integer mode, on four smooth random images (its files are version 8, else 4)."""
     torch.manual_seed(1)
     config = IDFConfig(**{"levels": 2, "prior_hidden": 8, "mixtures": 2, **cfg})
     flow = HierarchicalIDF(config)

@@ -143,12 +143,12 @@ def tiled_photo(tiny):
 @pytest.mark.parametrize("effort", range(1, 10))
 def test_every_effort_round_trips(tiny, tiled_photo, effort):
     """Every effort decodes exactly, tiled and (for one effort of each kind) as one tile; effort 1 fits nothing,
-    efforts 7-9 write version 6 (their slots are too small for output updates), and no effort writes a larger file
+    efforts 7-9 write version 9 (their slots are too small for output updates), and no effort writes a larger file
     than effort 1."""
     im, plain = tiled_photo
     data = idfzip.compress(im, tiny, tile=96, effort=effort)
     c = Container.from_bytes(data)
-    assert len(c.tiles) == 2 and c.adapted == (effort > 1) and c.version == (6 if effort >= 7 else 5)
+    assert len(c.tiles) == 2 and c.adapted == (effort > 1) and c.version == (9 if effort >= 7 else 8)
     assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
     assert len(data) <= len(plain)
     if effort in (1, 2, 5, 7):
@@ -159,7 +159,7 @@ def test_every_effort_round_trips(tiny, tiled_photo, effort):
 def test_high_effort_is_smaller_with_channel_autoregression(tiny_ar):
     im = Image.fromarray(photo(96, 96, seed=4))
     default, high = idfzip.compress(im, tiny_ar), idfzip.compress(im, tiny_ar, effort=7)
-    assert Container.from_bytes(high).version == 6 and len(high) < len(default)
+    assert Container.from_bytes(high).version == 9 and len(high) < len(default)
     assert idfzip.decompress(high, tiny_ar).tobytes() == im.tobytes()
     with pytest.raises(idfzip.IdfzipError, match="effort must be 1..9"):
         idfzip.compress(im, tiny_ar, effort=10)
@@ -204,13 +204,13 @@ def test_output_update_changes_are_exact_integers():
 
 
 def test_output_updates_round_trip_and_are_checked(tiny_ar):
-    """A file whose slots carry output updates (version 7; accepted here whatever they save) decodes exactly;
+    """A file whose slots carry output updates (version 10; accepted here whatever they save) decodes exactly;
     the updates change the coding (other updates give a CRC error, never other pixels)."""
     im = Image.fromarray(photo(96, 64, seed=6))
     with updates_kept():
         data = idfzip.compress(im, tiny_ar, effort=8)
     c = Container.from_bytes(data)
-    assert c.version == 7 and c.adapted
+    assert c.version == 10 and c.adapted
     assert idfzip.decompress(data, tiny_ar).tobytes() == im.tobytes()
     cfg = tiny_ar.flow.config
     K = cfg.mixtures

@@ -150,7 +150,7 @@ def test_bad_arguments(tiny, tmp_path):
 
 
 def test_effort_reaches_the_codec_and_the_whole_processes(tiny, tmp_path):
-    """bench -e 7: the in-process files are effort 7's (version 6, adapted), the whole-process compress gets the
+    """bench -e 7: the in-process files are effort 7's (version 9, adapted), the whole-process compress gets the
     same effort (its file must be the same bytes), and the JSON and table say so."""
     import idfzip
 
@@ -162,6 +162,6 @@ def test_effort_reaches_the_codec_and_the_whole_processes(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     data = idfzip.compress(Image.open(src), tiny, effort=7)
-    assert idfzip.inspect(data)["version"] == 6
+    assert idfzip.inspect(data)["version"] == 9
     assert res["effort"] == 7 and res["images"][0]["bytes"] == len(data) and res["images"][0]["process_exact"]
     assert "effort 7" in r.output

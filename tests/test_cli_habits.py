@@ -301,7 +301,7 @@ def test_binary_output_never_goes_to_a_terminal(tiny, tmp_path):
 
 
 def test_effort_option_and_info(run, tmp_path):
-    """-e/--effort 1..9 on compress (1: no adaptation; 7: version 6 with offsets, named by info); out of range
+    """-e/--effort 1..9 on compress (1: no adaptation; 7: version 9 with offsets, named by info); out of range
     is a usage error."""
     src = tmp_path / "p.png"
     Image.fromarray(photo(128, 96, seed=6)).save(src)
@@ -314,11 +314,15 @@ def test_effort_option_and_info(run, tmp_path):
         assert r.exit_code == 0, r.output
     assert sizes[7] < sizes[1]
     r = run("info", tmp_path / "e7.idfz")
-    assert "version 6" in r.output and "per-component offsets" in r.output and "effort:      7-9" in r.output
+    assert (
+        "version 9 (split windows)" in r.output
+        and "per-component offsets" in r.output
+        and "effort:      7-9" in r.output
+    )
     r = run("info", tmp_path / "e1.idfz")
     assert "adapted" not in r.output and "effort:      1," in r.output
-    r = run("info", Path(__file__).parent / "golden" / "rgb_e8.idfz")  # version 7: output updates
-    assert "version 7" in r.output and "effort:      8-9" in r.output
+    r = run("info", Path(__file__).parent / "golden" / "rgb_e8.idfz")  # version 10: output updates
+    assert "version 10" in r.output and "effort:      8-9" in r.output
     assert re.search(r"updated:     \d+ slots' network output layers; \d+ bytes of fitted parameters", r.output)
     r = run("compress", "--effort", "10", src)
     assert r.exit_code == 2 and "10 is not in the range 1<=x<=9" in r.output

@@ -78,7 +78,7 @@ def test_trailing_bytes_bad_magic_and_version():
     with pytest.raises(CorruptFileError, match="magic"):
         Container.from_bytes(b"PNG" + data[3:])
     with pytest.raises(UnsupportedVersionError):
-        Container.from_bytes(data[:3] + b"\x09" + data[4:])
+        Container.from_bytes(data[:3] + b"\x0b" + data[4:])
 
 
 def test_adapted_tiles_need_version_3_and_a_flow_part():

@@ -41,10 +41,10 @@ def test_golden_files_decode_and_are_reproduced(name):
     source = _source(name)
     data = (GOLDEN / f"{name}.idfz").read_bytes()
     c = Container.from_bytes(data)
-    assert c.version == {0: 5, 7: 6, 8: 7}[CURRENT[name].get("effort", 0)] and c.tiles
+    assert c.version == {0: 8, 7: 9, 8: 10}[CURRENT[name].get("effort", 0)] and c.tiles
     assert idfzip.decompress(data).tobytes() == source.tobytes()
     updates = None
-    if c.version == 7:
+    if c.version == 10:
         cfg = load_shipped("natural").flow.config
         K = cfg.mixtures
         updates = adapt.from_bytes(c.tiles[0], cfg.levels, cfg.channels, 4 + 6 * K, (3 * K, cfg.prior_hidden))[1]
@@ -58,6 +58,16 @@ def test_golden_files_cover_adaptation_tiles_and_alpha():
     assert info["rgb_e8"]["updated_slots"] >= 1 and info["rgb_e8"]["adaptation_bytes"] > 0
     assert info["tiled"]["tiles"] == 6
     assert info["rgba"]["rest"] is not None and info["rgba"]["mode"] == "RGBA"
+
+
+@pytest.mark.parametrize("name", ["rgb_v5", "rgba_v5", "tiled_v5", "rgb_e7_v6", "rgb_e8_v7"])
+def test_versions_5_to_7_still_decode(name):
+    """Written by commit df9838d (one-step windows; versions 6 and 7 at efforts 7 and 8, as make_golden
+    writes them) on an AVX-512 machine: the layouts of versions 8-10 without split windows."""
+    data = (GOLDEN / f"{name}.idfz").read_bytes()
+    info = idfzip.inspect(data)
+    assert info["version"] == info["layout"] == int(name[-1]) and not info["split_windows"]
+    assert idfzip.decompress(data).tobytes() == _source(name).tobytes()
 
 
 @pytest.mark.parametrize("name", ["rgb", "rgba", "tiled"])
@@ -125,9 +135,10 @@ def _run(code: str, capability: str, *args: str) -> list[str]:
 def test_instruction_set_matrix(tmp_path):
     """Written under each of torch's CPU kernel sets this CPU runs (avx512, avx2, default) and read under each
     other: 3 images x writers x readers exact, and the writers' files byte-identical (the float tables of
-    version 3 failed this). Each reader also decodes the golden effort-7 file (version 6, adaptation offsets),
-    written on an AVX-512 machine with int8 products (test_flows checks that the float32 products of CPUs
-    without VNNI give the same integers), and the effort-8 file (version 7, output updates; AVX-512, int8 products)."""
+    version 3 failed this). Each reader also decodes the golden effort-7 files (versions 9 and 6, adaptation
+    offsets), written on an AVX-512 machine with int8 products (test_flows checks that the float32 products of
+    CPUs without VNNI give the same integers), and the effort-8 files (versions 10 and 7, output updates;
+    AVX-512, int8 products)."""
     if len(CAPABILITIES) < 2:
         pytest.skip(f"torch runs only one CPU kernel set here ({torch.backends.cpu.get_cpu_capability()})")
     grey = tmp_path / "grey.png"
@@ -144,8 +155,8 @@ def test_instruction_set_matrix(tmp_path):
             pytest.skip(f"this CPU cannot run torch's {cap} kernels (got {active})")
     for src in sources:
         assert len({files[cap, src.stem].read_bytes() for cap in CAPABILITIES}) == 1, src.stem
-    files["golden", "rgb"] = GOLDEN / "rgb_e7.idfz"
-    files["golden-updates", "rgb"] = GOLDEN / "rgb_e8.idfz"
+    for name in ("rgb_e7", "rgb_e8", "rgb_e7_v6", "rgb_e8_v7"):
+        files[name, "rgb"] = GOLDEN / f"{name}.idfz"
     for cap in CAPABILITIES:
         decoded = json.loads(_run(READER, cap, *map(str, files.values()))[1])
         for (_, stem), path in files.items():

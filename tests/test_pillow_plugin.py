@@ -42,7 +42,7 @@ def test_effort_as_a_save_parameter(tiny, tmp_path):
     from conftest import photo
 
     im = Image.fromarray(photo(128, 96, seed=6))
-    for effort, version in ((1, 5), (7, 6)):
+    for effort, version in ((1, 8), (7, 9)):
         path = tmp_path / f"e{effort}.idfz"
         im.save(path, model=tiny.path, effort=effort)
         assert idfzip.inspect(path.read_bytes())["version"] == version
