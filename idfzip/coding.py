@@ -99,7 +99,7 @@ def _tables(mix: Mixture, plan, entries_per_symbol, make):
         sub = mix.take(pos.numpy() if mix.portable else pos)
         for a, b in _chunks(len(pos), entries_per_symbol(width), mix.portable):
             p = pos[a:b]
-            yield p, width, make(sub.take(np.arange(a, b) if mix.portable else torch.arange(a, b)), p, width)
+            yield p, width, make(sub.take(slice(a, b) if mix.portable else torch.arange(a, b)), p, width)
 
 
 def _windows(mix: Mixture):

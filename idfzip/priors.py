@@ -279,7 +279,8 @@ class IntMixture:
         return self.means.shape[1]
 
     def take(self, idx) -> IntMixture:
-        idx = np.asarray(idx)
+        """The mixtures of symbols ``idx`` (indices, or a slice: views, no copies)."""
+        idx = idx if isinstance(idx, slice) else np.asarray(idx)
         return IntMixture.from_parts(self.weights[:, idx], self.means[:, idx], self.scale_idx[:, idx])
 
     def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
