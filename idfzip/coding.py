@@ -154,20 +154,26 @@ class Encoder:
 
     def _core(self, z, mix, centre, plan) -> tuple[list, list[torch.Tensor]]:
         """The core stage, each symbol under its own 3-entry row (no whole tables), then with split windows
-        the second step of the symbols that did not escape their buckets; and the positions that escaped."""
+        the second step of the symbols that did not escape their buckets; and the positions that escaped. Every
+        class at once, in coding order (class, then position)."""
+        if not plan:
+            return [], []
         strides = _strides(plan, self.split)
-        ops, inner, escaped = [], [], []
-        for width, pos in plan:
-            g = strides[width]
-            s = _offsets(z, centre, pos, width, g).numpy()
-            escaped.append(pos[s == width // g])
-            sub, c = mix.take(pos.numpy()), centre[pos].numpy()
-            ops.append(self._counted(*sub.symbol_rows(c, width, s, g)))
-            if g > 1:
-                keep = np.flatnonzero(s < width // g)
-                off = (z[pos] - centre[pos] + width // 2).numpy()[keep] % g
-                inner.append(self._counted(*sub.take(keep).inner_rows(c[keep], width, g, s[keep], off)))
-        return ops + inner, escaped
+        order = torch.cat([pos for _, pos in plan]).numpy()
+        counts = [len(pos) for _, pos in plan]
+        width = np.repeat(np.array([w for w, _ in plan], dtype=np.int64), counts)
+        stride = np.repeat(np.array([strides[w] for w, _ in plan], dtype=np.int64), counts)
+        c = centre.numpy()[order]
+        off = z.numpy()[order] - c + width // 2
+        inside = (off >= 0) & (off < width)
+        s = np.where(inside, off, width) // stride
+        sub = mix.take(order)
+        ops = [self._counted(*sub.symbol_rows(c, width, s, stride))]
+        keep = np.flatnonzero(inside & (stride > 1))
+        if len(keep):
+            rows = sub.take(keep).inner_rows(c[keep], width[keep], stride[keep], s[keep], off[keep] % stride[keep])
+            ops.append(self._counted(*rows))
+        return ops, [torch.from_numpy(order[~inside])]
 
     def _stage(self, z, mix, centre, plan, make) -> tuple[list, list[torch.Tensor]]:
         """Tables (``make``, as for ``_tables``) and symbols of a stage's chunks, and the positions that

@@ -359,9 +359,7 @@ class IntMixture:
             out[a:b] = f.T
         return torch.from_numpy(out)
 
-    def symbol_rows(
-        self, centre: np.ndarray, width: int, s: np.ndarray, stride: int = 1
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def symbol_rows(self, centre: np.ndarray, width, s: np.ndarray, stride=1) -> tuple[np.ndarray, np.ndarray]:
         """The encoder's shortcut to ``table``: per symbol, its entry s (0 .. e = width / stride, the escape) as
         entry i of a 3-entry table (float32 (n, 3), i (n,) int32) that gives it the cumulative frequency K and
         frequency F that row s of ``table`` gives it under constriction's +1 (``_rows``), so the coder's state
@@ -371,12 +369,13 @@ class IntMixture:
         With G_j as in ``table``: f_s = G_{s+1} - G_s, the escape's f_e = total - (G_e - G_0), and at most one
         entry can exceed MAX_FREQ (> total / 2). Where neither side of s holds more than MAX_FREQ, only s or
         the escape can: s's excess goes to the escape, or the escape's to entry 0 (so K = G_s - G_0 plus that
-        excess for s > 0). Elsewhere (an unlikely s in a very peaked mixture) the row is taken from ``table``."""
+        excess for s > 0). Elsewhere (an unlikely s in a very peaked mixture) the row is taken from ``table``.
+        ``width`` and ``stride`` may be per symbol (arrays; the stride a function of the width)."""
         e = width // stride
         m = e + 1
         total = (1 << PROB_BITS) - m
         x0, dx = self._starts(centre - width // 2)
-        edges = np.stack([np.zeros_like(s), s, np.minimum(s + 1, e), np.full_like(s, e)]) * stride
+        edges = np.stack([np.zeros_like(s), s, np.minimum(s + 1, e), s * 0 + e]) * stride
         g0, gs, gs1, gw = (_cdf(x0, dx, self.weights, edges) * total) >> (WEIGHT_BITS + SIG_BITS)
         esc = s == e
         f_w = total - (gw - g0)
@@ -387,10 +386,9 @@ class IntMixture:
         f_s += np.where(s == 0, w_over, 0)
         k = np.where(esc, total - f_s, gs - g0 + np.where(s > 0, w_over, 0)) + s
         f = f_s + 1
-        other = np.flatnonzero((gs - g0 > MAX_FREQ) | (gw - gs1 > MAX_FREQ))
-        if len(other):
-            full = self.take(other).table(centre[other], width, stride).numpy().astype(np.int64) + 1
-            k[other], f[other] = _row_of(full, s[other])
+        for sel, w, g in _by_width(np.flatnonzero((gs - g0 > MAX_FREQ) | (gw - gs1 > MAX_FREQ)), width, stride):
+            full = self.take(sel).table(centre[sel], w, g).numpy().astype(np.int64) + 1
+            k[sel], f[sel] = _row_of(full, s[sel])
         return _rows(k, f, s, e)
 
     def inner_table(self, centre: torch.Tensor, width: int, stride: int, bucket: np.ndarray) -> torch.Tensor:
@@ -419,12 +417,13 @@ class IntMixture:
         return torch.from_numpy(np.ascontiguousarray(f.T, dtype=np.float32))
 
     def inner_rows(
-        self, centre: np.ndarray, width: int, stride: int, bucket: np.ndarray, s: np.ndarray
+        self, centre: np.ndarray, width, stride, bucket: np.ndarray, s: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """The encoder's shortcut to ``inner_table`` as ``symbol_rows`` is to ``table``: entry s (0 .. stride - 1)
         of each symbol's bucket as a 3-entry row, from the CDF at the bucket's edges and at s, s + 1. Where
         neither side of s holds more than MAX_FREQ only s can exceed it (its excess going to entry 0, or to entry
-        1 when s = 0); elsewhere the row is taken from ``inner_table``."""
+        1 when s = 0); elsewhere the row is taken from ``inner_table``. ``width`` and ``stride`` may be per symbol,
+        as for ``symbol_rows``."""
         total = (1 << PROB_BITS) - stride
         x0, dx = self._starts(centre - width // 2)
         first = bucket * stride
@@ -438,9 +437,9 @@ class IntMixture:
         f = f_s - over + 1
         k = gs + np.where(s > 0, over, 0) + s
         other = np.flatnonzero((gs > MAX_FREQ) | (np.where(last, 0, total - gs1) > MAX_FREQ))
-        if len(other):
-            full = self.take(other).inner_table(centre[other], width, stride, bucket[other])
-            k[other], f[other] = _row_of(full.numpy().astype(np.int64) + 1, s[other])
+        for sel, w, g in _by_width(other, width, stride):
+            full = self.take(sel).inner_table(centre[sel], w, g, bucket[sel])
+            k[sel], f[sel] = _row_of(full.numpy().astype(np.int64) + 1, s[sel])
         return _rows(k, f, s, stride - 1)
 
     def tail_table(self, centre: torch.Tensor, core: torch.Tensor, width: int) -> torch.Tensor:
@@ -475,6 +474,15 @@ class IntMixture:
         x0, dx = self._starts(z)
         cdf = _cdf(x0, dx, self.weights, np.arange(2)[:, None])
         return ((WEIGHT_BITS + SIG_BITS) << 16) - log2_q16(np.maximum(cdf[1] - cdf[0], 1))
+
+
+def _by_width(sel: np.ndarray, width, stride):
+    """(symbols, width, stride) for each width among symbols ``sel``, given one width and stride or one per
+    symbol (the stride a function of the width)."""
+    if np.ndim(width) == 0:
+        return [(sel, int(width), int(stride))] if len(sel) else []
+    stride = np.broadcast_to(stride, np.shape(width))
+    return [(sel[width[sel] == w], int(w), int(stride[sel][width[sel] == w][0])) for w in np.unique(width[sel])]
 
 
 def _row_of(full: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
