@@ -110,11 +110,11 @@ def _windows(mix: Mixture):
     return centre, cls, None
 
 
-def _offsets(z: torch.Tensor, centre: torch.Tensor, pos: torch.Tensor, width: int, stride: int = 1) -> torch.Tensor:
+def _offsets(z: torch.Tensor, centre: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
     """The entries of symbols z[pos] in windows of ``width`` around their centres, ``width`` (the escape) if
-    outside; with ``stride``, their buckets (offset // stride) and width // stride for the escape."""
+    outside."""
     off = z[pos] - centre[pos] + width // 2
-    return torch.where((off < 0) | (off >= width), width, off) // stride
+    return torch.where((off < 0) | (off >= width), width, off)
 
 
 def _escaped(escaped: list[torch.Tensor], mix: Mixture) -> torch.Tensor:
