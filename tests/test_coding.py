@@ -172,6 +172,20 @@ def test_split_windows_give_each_symbol_its_table_frequencies(peaked):
         assert np.array_equal(k, np.where(np.arange(g) < t[:, None], inner, 0).sum(1))
         if peaked:
             assert (inner == MAX_FREQ + 1).sum() > 100
+    # per-symbol widths and strides (the encoder's one call per segment) give each symbol the same rows
+    widths = np.array([12, 24, 192, 4096])[np.arange(len(mix)) % 4]
+    strides = np.array([STRIDES[w] for w in widths])
+    s = rng.integers(0, 1 << 20, len(mix)) % (widths // strides + 1)
+    bucket, t = np.minimum(s, widths // strides - 1), rng.integers(0, 1 << 20, len(mix)) % strides
+    rows, i = mix.symbol_rows(centre, widths, s, strides)
+    inner, j = mix.inner_rows(centre, widths, strides, bucket, t)
+    for width in (12, 24, 192, 4096):
+        sel = np.flatnonzero(widths == width)
+        part, g = mix.take(sel), STRIDES[width]
+        assert all(map(np.array_equal, (rows[sel], i[sel]), part.symbol_rows(centre[sel], width, s[sel], g)))
+        if g > 1:
+            one = part.inner_rows(centre[sel], width, g, bucket[sel], t[sel])
+            assert all(map(np.array_equal, (inner[sel], j[sel]), one))
 
 
 def test_split_windows_cost_next_to_nothing():
