@@ -23,8 +23,8 @@ from .container import (
     MAX_SIDE,
     MAX_TILE,
     MODEL_HASH_BYTES,
+    FLOW_VERSION,
     SPLIT,
-    VERSION,
     Container,
     layout,
     split_windows,
@@ -428,7 +428,7 @@ def compress_with_stats(
         c.tile = 0 if max(im.width, im.height) <= tile else tile
         # a calibrated model runs its networks in integer arithmetic and splits wide windows (version 8); others
         # write version 4
-        c.version = VERSION if mdl.flow.integer else 4
+        c.version = FLOW_VERSION if mdl.flow.integer else 4
         if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only
             plan = FitPlan(plan.symbols)
         c.tiles, c.adapted, c.version, stats.nll_bits = _encode_rgb(

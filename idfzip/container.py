@@ -15,8 +15,9 @@ from .errors import CorruptFileError, UnsupportedVersionError
 from .registry import shipped_name
 
 MAGIC = b"IDZ"
-VERSION = 8  # what writers write (4 with a model never calibrated; 9 at efforts that send adaptation offsets,
-# 10 where they also send output updates)
+VERSION = 5  # what writers write without a flow part (the same layout as 8); flow-coded files are FLOW_VERSION
+FLOW_VERSION = 8  # (4 with a model never calibrated; 9 at efforts that send adaptation offsets, 10 where they
+# also send output updates)
 READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # what readers read
 SPLIT = 3  # versions 8, 9 and 10 are versions 5, 6 and 7 with split windows (idfzip.coding)
 
