@@ -282,7 +282,7 @@ def _encode_tile(
     flow = model.flow
     m = flow.multiple
     H, W = -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m
-    fitting = bool(plan.delta) and version >= 5 and flow.config.prior_hidden > 0  # the updates need hidden layers
+    fitting = bool(plan.delta) and flow.config.prior_hidden > 0  # the updates need hidden layers (and version 7)
     tile = _Tile(flow, H, W, device, version, {}, {}, fitting)
     tile.encode(rgb)
     enc = Encoder(split=split_windows(version))

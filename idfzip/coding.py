@@ -55,6 +55,8 @@ SENTINEL = np.array([0x4944, 0x465A], dtype=np.int32)  # "IDFZ": pushed first, s
 SYMBOLS_PER_BIT = 180
 MIN_SYMBOL_BITS = 1 / SYMBOLS_PER_BIT
 MAX_CHUNK = max(64, PORTABLE_TABLE_ENTRIES // (WIDTHS[0] + 1))
+_WIDTHS = np.array(WIDTHS, dtype=np.int64)  # per width class: its width and split windows' stride
+_STRIDES = np.array([STRIDES[w] for w in WIDTHS], dtype=np.int64)
 
 Mixture = FloatMixture | IntMixture
 
@@ -85,11 +87,6 @@ def _plan(cls: torch.Tensor, rows: torch.Tensor | None = None):
     rows = torch.arange(len(cls)) if rows is None else rows
     c = cls[rows]
     return [(WIDTHS[k], rows[c == k]) for k in torch.unique(c).tolist()]
-
-
-def _strides(plan, split: bool) -> dict[int, int]:
-    """Per width of a plan: the core stage's stride (split windows in versions 8-10, else 1)."""
-    return {width: STRIDES[width] if split else 1 for width, _ in plan}
 
 
 def _tables(mix: Mixture, plan, entries_per_symbol, make):
@@ -152,17 +149,16 @@ class Encoder:
         self.bits -= float(np.log2(f / (1 << PROB_BITS)).sum())
         return i, probs
 
-    def _core(self, z, mix, centre, plan) -> tuple[list, list[torch.Tensor]]:
+    def _core(self, z, mix, centre, core) -> tuple[list, list[torch.Tensor]]:
         """The core stage, each symbol under its own 3-entry row (no whole tables), then with split windows
         the second step of the symbols that did not escape their buckets; and the positions that escaped. Every
-        class at once, in coding order (class, then position)."""
-        if not plan:
+        class at once, in coding order (class, then position: a stable sort by core class)."""
+        cls = core.numpy()
+        order = np.argsort(cls, kind="stable")
+        if not len(order):
             return [], []
-        strides = _strides(plan, self.split)
-        order = torch.cat([pos for _, pos in plan]).numpy()
-        counts = [len(pos) for _, pos in plan]
-        width = np.repeat(np.array([w for w, _ in plan], dtype=np.int64), counts)
-        stride = np.repeat(np.array([strides[w] for w, _ in plan], dtype=np.int64), counts)
+        width = _WIDTHS[cls[order]]
+        stride = (_STRIDES if self.split else np.ones_like(_WIDTHS))[cls[order]]
         c = centre.numpy()[order]
         off = z.numpy()[order] - c + width // 2
         inside = (off >= 0) & (off < width)
@@ -200,7 +196,7 @@ class Encoder:
             raise ValueError("symbol count does not match the parameters")
         centre, core, tail = _windows(mix)
         if mix.portable:
-            ops, escaped = self._core(z, mix, centre, _plan(core))
+            ops, escaped = self._core(z, mix, centre, core)
         else:
             ops, escaped = self._stage(z, mix, centre, _plan(core), lambda part, p, w: part.table(centre[p], w))
         esc = _escaped(escaped, mix)
@@ -274,17 +270,13 @@ class Decoder:
         """The core stage, then with split windows the second step of the symbols inside their buckets."""
         if not self.split:
             return self._stage(z, mix, centre, plan, lambda part, p, w: part.table(centre[p], w))
-        strides = _strides(plan, True)
-        escaped = self._stage(z, mix, centre, plan, lambda part, p, w: part.table(centre[p], w, strides[w]), strides)
-        inner = []
-        for width, pos in plan:
-            if strides[width] > 1:
-                inner.append((width, pos[z[pos] - centre[pos] + width // 2 < width]))
+        escaped = self._stage(z, mix, centre, plan, lambda part, p, w: part.table(centre[p], w, STRIDES[w]), STRIDES)
+        inner = [(w, pos[z[pos] - centre[pos] + w // 2 < w]) for w, pos in plan if STRIDES[w] > 1]
 
         def make(part, p, w):
-            return part.inner_table(centre[p], w, strides[w], ((z[p] - centre[p] + w // 2) // strides[w]).numpy())
+            return part.inner_table(centre[p], w, STRIDES[w], ((z[p] - centre[p] + w // 2) // STRIDES[w]).numpy())
 
-        for p, width, probs in _tables(mix, inner, strides.get, make):
+        for p, width, probs in _tables(mix, inner, STRIDES.get, make):
             self._check_left()
             z[p] += torch.from_numpy(self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64))
         return escaped
