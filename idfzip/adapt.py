@@ -56,7 +56,8 @@ MIN_SYMBOLS = 4096  # smaller slots are not fitted: at ~0.1 bit saved per symbol
 STEPS = (16, 8, 4, 2, 1)
 COARSE_STEPS = 3  # the first three on half the sample (``_search``)
 MARGIN_BITS = 16  # a slot must save this much more than its parameters cost
-MIN_GAIN = 66  # a search step must save at least this many 2**-16 bits (about 1e-3 bits)
+MIN_GAIN = 1 << 14  # a search step must save at least this many 2**-16 bits (1/4 bit) on its sample
+FINE_GAIN = 66  # the same at efforts 7-9 (about 1e-3 bits)
 
 OFFSET_LIMIT = 127  # per-component offsets (version 6): integers in units of 1/UNIT, |o| <= 127
 GAIN_LIMITS = (-48, 64)  # per-component gains (version 6), as the 4-parameter factors
@@ -91,7 +92,7 @@ def _subsample(n: int, size: int = FIT_SYMBOLS) -> np.ndarray:
     return (np.arange(size, dtype=np.int64) * 2654435761) % n
 
 
-def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+def _search(q: np.ndarray, z: np.ndarray, K: int, gain: int = MIN_GAIN) -> tuple[np.ndarray, np.ndarray]:
     """Greedy integer search for C streams at once: quantised parameters q (C, 3K, m), symbols z (C, m) ->
     parameters (C, 4) and each stream's saving on these symbols in units of 2**-16 bits (C,).
 
@@ -100,15 +101,15 @@ def _search(q: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarra
     took 30% off the search's time and cost 0.003% in bytes on 9 CID22 validation images, 0.013% on Kodak."""
     half = q.shape[2] // 2
     zero = np.zeros((q.shape[0], 4), dtype=np.int64)
-    p, _ = _pattern(q[:, :, :half], z[:, :half], K, zero, STEPS[:COARSE_STEPS])
-    p, cur = _pattern(q, z, K, p, STEPS[COARSE_STEPS:])
+    p, _ = _pattern(q[:, :, :half], z[:, :half], K, zero, STEPS[:COARSE_STEPS], gain)
+    p, cur = _pattern(q, z, K, p, STEPS[COARSE_STEPS:], gain)
     return p, _lengths(q, z, zero, K) - cur
 
 
-def _pattern(q: np.ndarray, z: np.ndarray, K: int, p: np.ndarray, steps) -> tuple[np.ndarray, np.ndarray]:
+def _pattern(q: np.ndarray, z: np.ndarray, K: int, p: np.ndarray, steps, gain: int) -> tuple[np.ndarray, np.ndarray]:
     """The search of ``_search`` from parameters p (C, 4) over ``steps``: the parameters it ends at and their
     cost (C,) on these symbols. Per stream, for each step s: move to the best of the 8 neighbours p +- s e_i
-    (clamped to LIMITS) while that saves at least MIN_GAIN, at most 32 times; the cost is
+    (clamped to LIMITS) while that saves at least ``gain``, at most 32 times; the cost is
     IntMixture.ideal_length, so every comparison is between integers and every machine makes the same choices
     (ties: the first candidate)."""
     C, _, m = q.shape
@@ -153,7 +154,7 @@ def _pattern(q: np.ndarray, z: np.ndarray, K: int, p: np.ndarray, steps) -> tupl
             f = candidate_costs(act, cands)
             i = np.argmin(f, 1)
             best = f[np.arange(len(act)), i]
-            better = best <= cur[act] - MIN_GAIN
+            better = best <= cur[act] - gain
             p[act[better]] = cands[better, i[better]]
             cur[act[better]] = best[better]
             active[act[~better]] = False
@@ -236,6 +237,7 @@ def fit_slot(
     offsets: int = 0,
     steps: int = OFFSET_STEPS,
     delta: tuple[np.ndarray, torch.Tensor] | None = None,
+    gain: int = MIN_GAIN,
 ) -> tuple[torch.Tensor | None, int]:
     """(C, 4) parameters for one slot of a level from its passes [(symbols (B, C, ...), per-channel mixture
     parameters)], searched on about ``symbols`` of each stream's symbols, or None where adapting it would
@@ -244,7 +246,8 @@ def fit_slot(
     per-component offsets and gains (``_offsets``) fitted on about that many symbols in ``steps`` steps (zero in
     a channel where they do not save bits on them). ``delta`` (D, f): output updates (version 7) and the
     slot's last hidden activations f (hidden, n) in the passes' order: the parameters are fitted on top of
-    them, and the saving counts theirs (not their bytes)."""
+    them, and the saving counts theirs (not their bytes). ``gain``: the search's least saving per step
+    (``_pattern``)."""
     if sum(z.numel() for z, _ in segments) < MIN_SYMBOLS:
         return None, 0
 
@@ -255,7 +258,7 @@ def fit_slot(
         return q, q + delta_q(delta[0], delta[1][:, torch.from_numpy(_subsample(n, size))]), z, n
 
     q0, q, z, n = sample(symbols)
-    p, saved = _search(q, z, K)
+    p, saved = _search(q, z, K, gain)
     if offsets:
         q0, q, z, n = sample(offsets)
         with_o = np.concatenate([p, _offsets(q, z, p, K, steps)], 1)

@@ -56,13 +56,16 @@ class FitPlan:
     steps: int = 0  # of the offsets' fit
     delta: int = 0
     delta_steps: int = 0
+    gain: int = adapt.MIN_GAIN  # the search's least saving per step (idfzip.adapt._pattern)
 
 
 def fit_plan(effort: int) -> FitPlan:
     """Effort 1: no adaptation (fastest encode); 2-3: the search on half the usual sample; 4-6 (default 5): the
     usual; 7: also offsets and gains, fitted on 2**12 symbols per stream in 60 steps; 8-9: offsets and gains on
     2**14, and output updates of the slots of at least adapt.DELTA_MIN_SYMBOLS symbols (format version 7),
-    fitted on 2**15 positions in 200 and 400 steps. Decoding costs about the same at every effort."""
+    fitted on 2**15 positions in 200 and 400 steps. The search stops where a step saves less than 1/4 bit on
+    its sample (adapt.MIN_GAIN), at efforts 7-9 about 1e-3 bits (adapt.FINE_GAIN). Decoding costs about the same
+    at every effort."""
     if effort not in EFFORTS:
         raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
     if effort == 1:
@@ -72,8 +75,8 @@ def fit_plan(effort: int) -> FitPlan:
     if effort <= 6:
         return FitPlan(adapt.FIT_SYMBOLS)
     if effort == 7:
-        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 60)
-    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 60, 1 << 15, adapt.DELTA_STEPS * (effort - 7))
+        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 60, gain=adapt.FINE_GAIN)
+    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 60, 1 << 15, adapt.DELTA_STEPS * (effort - 7), adapt.FINE_GAIN)
 
 
 @dataclass
@@ -259,12 +262,13 @@ class _Tile:
         ``plan.delta`` its output updates where they pay for their bytes, stored in deltas."""
         passes = range(self.flow.passes)
         segments = [(self.symbols(Segment(level, j, g)), self.channel_raws(level, j, g)) for g in passes]
-        p, saved = adapt.fit_slot(segments, self.C, self.K, plan.symbols, plan.offsets, plan.steps)
+        fit = (plan.symbols, plan.offsets, plan.steps)
+        p, saved = adapt.fit_slot(segments, self.C, self.K, *fit, gain=plan.gain)
         if self.fitting and sum(z.numel() for z, _ in segments) >= adapt.DELTA_MIN_SYMBOLS:
             f = torch.cat([self._feat[g] for g in passes], 1)
             D = adapt.fit_delta(segments, f, self.C, self.K, plan.delta, plan.delta_steps)
             if D.any():
-                pd, by = adapt.fit_slot(segments, self.C, self.K, plan.symbols, plan.offsets, plan.steps, (D, f))
+                pd, by = adapt.fit_slot(segments, self.C, self.K, *fit, (D, f), gain=plan.gain)
                 by -= (8 * (len(adapt.rice_bytes(D)) + 2) + adapt.MARGIN_BITS) << 16
                 if by > max(saved, 0):
                     p, self.deltas[level, j] = pd, D
@@ -430,7 +434,7 @@ def compress_with_stats(
         # write version 4
         c.version = FLOW_VERSION if mdl.flow.integer else 4
         if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only
-            plan = FitPlan(plan.symbols)
+            plan = FitPlan(plan.symbols, gain=plan.gain)
         c.tiles, c.adapted, c.version, stats.nll_bits = _encode_rgb(
             mdl, rgb, c.tile_side, device, c.version, plan, progress
         )

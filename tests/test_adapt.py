@@ -67,9 +67,9 @@ def test_tiles_with_and_without_adaptation(tiny, monkeypatch):
     calls = []
     fit_slot = adapt.fit_slot
 
-    def every_other_tile(segments, C, K, *plan):  # tiny has 2 levels of 3 slots: calls 6i to 6i + 5 are tile i's
+    def every_other_tile(segments, C, K, *plan, **kw):  # tiny has 2 levels of 3 slots: calls 6i to 6i + 5 are tile i's
         calls.append(1)
-        return fit_slot(segments, C, K, *plan) if (len(calls) - 1) // 6 % 2 == 0 else (None, 0)
+        return fit_slot(segments, C, K, *plan, **kw) if (len(calls) - 1) // 6 % 2 == 0 else (None, 0)
 
     monkeypatch.setattr(adapt, "fit_slot", every_other_tile)
     im = Image.fromarray(photo(192, 192, seed=5))
