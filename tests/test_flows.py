@@ -115,6 +115,7 @@ def test_integer_mode_is_independent_of_strips_threads_and_batching(monkeypatch,
     assert not torch.equal(full, net.exact(x))  # another arithmetic than the float64 mode
     monkeypatch.setattr(nets, "STRIP_BYTES", 8 * 2 * 23 * 16 * 9 * 3)
     monkeypatch.setattr(nets, "STRIP_POSITIONS", 50)  # the network in strips of 1-2 rows
+    monkeypatch.setattr(nets, "FIRST_CHUNK_BYTES", 72 * 9 * 7)  # the first layer 7 positions at a time
     assert torch.equal(full, net.exact(x, integer=True))
     assert torch.equal(full, torch.cat([net.exact(x[i : i + 1], integer=True) for i in range(2)]))
     threads = torch.get_num_threads()
@@ -129,6 +130,36 @@ def test_integer_mode_is_independent_of_strips_threads_and_batching(monkeypatch,
     # 8-bit activations in calibrated units: close to the float32 training path
     ref = net(x.float()).detach()
     assert (full.float() - ref).abs().mean() <= 0.02 * ref.abs().mean()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_integer_mode_is_plain_convolutions(monkeypatch, fast):
+    """The integer mode's layouts (flat padded buffers, gathered neighbourhoods, the bias as a row, activations
+    kept less 128) give what plain convolutions of its integer weights give: the first layer in float64, each
+    hidden layer on activations padded with 0 as sum >> shift clamped to 0..255, the output layer scaled, plus
+    the linear branch. Inputs reach the clamp."""
+    monkeypatch.setattr(nets, "_INT8_FAST", fast)
+    x = rand_ints(2, 5, 19, 13, lo=-3000, hi=3000, seed=4)
+    x[0, 0, :3] = 1 << 20
+    net = calibrated(perturbed(ConvNet(5, 6, hidden=24, layers=3), seed=8), x)
+    (w0, n_lin), hidden, (w_out, beta, scale, bias) = net._int
+    C = x.shape[1]
+    xc = x.double().clamp(-nets.INPUT_CLAMP, nets.INPUT_CLAMP)
+    r = torch.nn.functional.conv2d(xc, w0[:-1].reshape(3, 3, C, -1).permute(3, 2, 0, 1), w0[-1], padding=1)
+    a = r[:, n_lin:].floor().clamp(0, nets.ACT_LEVELS)
+
+    def weights(w):  # [hi | lo] -> 128 hi + lo, (K, N) float64
+        n = w.shape[1] // 2
+        return 128 * w[:, :n].double() + w[:, n:].double()
+
+    for w, b, shift in hidden:  # beta holds -128 (2**shift) for the offset kept in the stack
+        q = weights(w).reshape(3, 3, a.shape[1], -1).permute(3, 2, 0, 1)
+        s = torch.nn.functional.conv2d(torch.nn.functional.pad(a - 128, (1, 1, 1, 1), value=-128), q)
+        s = s.long() + b.long().view(1, -1, 1, 1) + (128 << shift.long()).view(1, -1, 1, 1)
+        a = (s >> shift.long().view(1, -1, 1, 1)).clamp(0, nets.ACT_LEVELS).double()
+    s = torch.einsum("bchw,co->bohw", a - 128, weights(w_out)).long() + beta.long().view(1, -1, 1, 1)
+    ref = s.double() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1) + r[:, :n_lin]
+    assert torch.equal(net.exact(x, integer=True), ref)
 
 
 def test_integer_products_agree_on_every_kernel():

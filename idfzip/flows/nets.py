@@ -188,13 +188,13 @@ def _int8_fast() -> bool:
 
 
 def _combine(r: torch.Tensor) -> torch.Tensor:
-    """Products with the weight halves [hi | lo] (int32, exact) -> the products with 128 hi + lo (a view)."""
+    """Products with the weight halves [hi | lo] (int32, exact) -> the products with 128 hi + lo (one pass)."""
     n = r.shape[1] // 2
-    return r[:, :n].mul_(128).add_(r[:, n:])
+    return torch.add(r[:, n:], r[:, :n], alpha=128)
 
 
 def _imm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a @ (128 hi + lo) for a and w = [hi | lo] (``_halves``, int8), as exact int32 (a view): int8 products
+    """a @ (128 hi + lo) for a and w = [hi | lo] (``_halves``, int8), as exact int32: int8 products
     with int32 sums when a is int8 on the CPU; otherwise float32 products of the same values (a may be float32
     already; |a|, |hi|, |lo| <= 128, at most 2**10 terms: sums below 2**24, exact in any order; TF32 and
     reduced-precision products are turned off)."""
@@ -234,47 +234,99 @@ def _conv_float(src: torch.Tensor, w: torch.Tensor, Wp: int, n: int) -> torch.Te
     return _combine(y.int())
 
 
+FIRST_CHUNK_BYTES = 1 << 24  # the first layer gathers its inputs for about this many bytes of positions at a time
+
+
+def _first_layer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The integer mode's first 3x3 layer (the linear branch's channels, then the first hidden layer's) on one
+    image x (C, H, W), float64, with weights w (9 C + 1, C_out): rows (dy, dx, input channel), then the bias.
+    Returns (H (W + 2), C_out) in the flat channels-last layout of ``_hidden_stack``: output row r, column j at
+    r (W + 2) + j; the two columns past each row's end are sums of real entries, bounded like the rest, and
+    discarded.
+
+    x lies in a zero-padded buffer of (H + 3) x (W + 2) positions by C channels, where the three neighbours dx =
+    0, 1, 2 of a position are 3 C contiguous numbers: so the (positions, 9 C) matrix of the 3 x 3 neighbourhoods
+    is three copies of overlapping row ranges (one per dy). It is made for about FIRST_CHUNK_BYTES of positions
+    at a time (a buffer glibc reuses, as STRIP_BYTES), with a column of ones for the bias, and multiplied by w.
+    Every product and partial sum is exact in float64 (FIRST_WEIGHT_BITS), so this is ``F.conv2d`` to the last
+    bit, in any order: 1.7x its speed on a 2-core AVX-512 Xeon (13 channels in, 78 out)."""
+    C, H, W = x.shape
+    Wp = W + 2
+    n = H * Wp
+    buf = x.new_zeros((H + 3) * Wp, C)
+    buf.view(H + 3, Wp, C)[1 : H + 1, 1 : W + 1] = x.permute(1, 2, 0)
+    out = x.new_empty(n, w.shape[1])
+    step = max(1, FIRST_CHUNK_BYTES // (72 * C))
+    cols = x.new_empty(min(n, step), 9 * C + 1)
+    cols[:, -1] = 1  # times the bias, the last row of w
+    for p0 in range(0, n, step):
+        p1 = min(n, p0 + step)
+        c = cols[: p1 - p0]
+        for dy in range(3):
+            c[:, 3 * C * dy : 3 * C * (dy + 1)] = buf.as_strided((p1 - p0, 3 * C), (C, 1), (p0 + dy * Wp) * C)
+        torch.mm(c, w, out=out[p0:p1])
+    return out
+
+
 def _int_stack(
-    a: torch.Tensor, hidden: list, w_out: torch.Tensor, beta, scale, bias, feats: torch.Tensor | None = None
+    x: torch.Tensor,
+    first: tuple,
+    hidden: list,
+    w_out: torch.Tensor,
+    beta,
+    scale,
+    bias,
+    feats: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The hidden 3x3 layers and the output layer of the integer mode on first-layer activations ``a`` (B, C,
-    H, W), int8 (activation - 128). Each image lives in a flat buffer of (H + 3) x (W + 2) positions by C
-    channels as in ``_hidden_stack`` (padding: activation 0, stored as -128); a layer multiplies the nine
-    shifted row ranges by the layer's weight halves (with int8 buffers gathered into one (positions, 9 C)
-    matrix for ``torch._int_mm``; with float32 buffers, where that is slow, by ``_conv_float``), adds beta
-    (bias, the offset's correction, half a unit), shifts right per channel and clamps to 0..255. The output
-    layer gives (sum + beta) * scale + bias in float64 (B, out, H, W); ``feats`` (B, C, H, W), if given, receives
-    the activations it multiplies (0..255, the last hidden layer's)."""
-    B, C, H, W = a.shape
+    """The integer mode of a ConvNet on integer inputs x (B, C, H, W), float64 (clamped): (B, out, H, W) float64.
+
+    first = (w, n_lin): the first layer (``_first_layer``), whose first n_lin channels are the linear branch
+    and the rest the first hidden layer's activations before rounding. Those activations, clamped to 0..255 and
+    offset by -128 into int8, live in a flat buffer of (H + 3) x (W + 2) positions by C channels as in
+    ``_hidden_stack`` (padding: activation 0, stored as -128); a hidden 3x3 layer multiplies the nine shifted row
+    ranges by the layer's weight halves (with int8 buffers gathered into one (positions, 9 C) matrix for
+    ``torch._int_mm``, three copies of overlapping row ranges as in ``_first_layer``; with float32 buffers, where
+    that is slow, by ``_conv_float``), adds beta (bias, the offset's corrections, half a unit), shifts right per
+    channel and clamps to -128..127, the next activations less 128. The output layer gives (sum + beta) * scale +
+    bias in float64, plus the linear branch; ``feats`` (B, C, H, W), if given, receives the activations it
+    multiplies (0..255, the last hidden layer's)."""
+    B, _, H, W = x.shape
+    w0, n_lin = first
     Wp = W + 2
     n = H * Wp
     # the buffers hold the int8 values as int8 where _int_mm is fast, else as float32 (the same numbers)
-    int8 = a.device.type == "cpu" and _int8_fast()
+    int8 = x.device.type == "cpu" and _int8_fast()
     dt = torch.int8 if int8 else torch.float32
-    out = torch.empty(B, w_out.shape[1] // 2, H, W, dtype=torch.float64, device=a.device)
+    out = torch.empty(B, w_out.shape[1] // 2, H, W, dtype=torch.float64, device=x.device)
     with _float32_exact():
         for i in range(B):
-            src = torch.full(((H + 3) * Wp, C), -128, dtype=dt, device=a.device)
-            src.view(H + 3, Wp, C)[1 : H + 1, 1 : W + 1] = a[i].permute(1, 2, 0)
+            r = _first_layer(x[i], w0)
+            a = r[:, n_lin:].floor_().clamp_(0, ACT_LEVELS).sub_(128)
+            C = a.shape[1]
+            a.view(H, Wp, C)[:, W:] = -128
+            src = torch.full(((H + 3) * Wp, C), -128, dtype=dt, device=x.device)
+            src[Wp + 1 : Wp + 1 + n] = a
             dst = src.clone() if hidden else src
-            cols = torch.empty(n, 9 * C, dtype=dt, device=a.device) if hidden and int8 else None
+            cols = torch.empty(n, 9 * C, dtype=dt, device=x.device) if hidden and int8 else None
             for w, b, shift in hidden:
                 if int8:
-                    for k in range(9):
-                        off = (k // 3) * Wp + k % 3
-                        cols[:, k * C : (k + 1) * C] = src[off : off + n]
+                    for dy in range(3):
+                        rows = src.as_strided((n, 3 * C), (C, 1), dy * Wp * C)
+                        cols[:, 3 * C * dy : 3 * C * (dy + 1)] = rows
                     y = _imm(cols, w)
                 else:
                     y = _conv_float(src, w, Wp, n)
-                y = y.add_(b).bitwise_right_shift_(shift).clamp_(0, ACT_LEVELS).sub_(128)
+                y = y.add_(b).bitwise_right_shift_(shift).clamp_(-128, ACT_LEVELS - 128)
                 y.view(H, Wp, C)[:, W:] = -128
                 dst[Wp + 1 : Wp + 1 + n] = y
                 src, dst = dst, src
             last = src[Wp + 1 : Wp + 1 + n].contiguous()
             if feats is not None:
                 feats[i] = (last.view(H, Wp, C)[:, :W].permute(2, 0, 1).to(torch.int16) + 128).to(feats.dtype)
-            r = _imm(last, w_out).add_(beta).double().mul_(scale).add_(bias)
-            out[i] = r.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
+            res = _imm(last, w_out).add_(beta).double().mul_(scale).add_(bias)
+            if n_lin:
+                res.add_(r[:, :n_lin])
+            out[i] = res.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
     return out
 
 
@@ -416,9 +468,10 @@ class ConvNet(nn.Module):
     def _freeze_int(self, device) -> tuple:
         """The integer mode's weights (module docstring), computed on the CPU in float64 from the float weights
         (powers of two, floor and comparisons only: the same on every machine), then moved to ``device``.
-        (first, hidden, last): first = the linear branch and first layer as one float64 convolution (weights,
-        bias, number of linear channels) or None without hidden layers; hidden = per 3x3 layer ([hi | lo], beta,
-        shift); last = ([hi | lo], beta, scale, bias)."""
+        None without hidden layers, else (first, hidden, last): first = the linear branch and first layer as one
+        float64 3x3 layer (weights (9 C + 1, C_out): rows (dy, dx, input channel), then the bias; the number of
+        linear channels; ``_first_layer``); hidden = per 3x3 layer ([hi | lo], beta, shift); last = ([hi | lo], beta,
+        scale, bias)."""
         convs = [(c.weight.detach().double().cpu(), c.bias.detach().double().cpu()) for c in self.convs]
         if len(convs) == 1:
             return None  # no hidden layers: the float64 mode is the integer mode
@@ -434,7 +487,7 @@ class ConvNet(nn.Module):
         if self.linear is not None:
             lw, lb = self._frozen[0]
             w0, b0, n_lin = torch.cat([lw.cpu(), w0]), torch.cat([lb.cpu(), b0]), lw.shape[0]
-        first = (w0.to(device), b0.to(device), n_lin)
+        first = (torch.cat([w0.permute(2, 3, 1, 0).reshape(-1, w0.shape[0]), b0[None]]).to(device), n_lin)
         hidden = []
         for i in range(1, len(convs) - 1):
             w, b = convs[i]
@@ -449,6 +502,9 @@ class ConvNet(nn.Module):
             if float((2 * bound + 256 * scale).max()) >= _INT32:
                 raise ValueError("a hidden layer's integer sums could reach 2**31")
             w = _halves(q.permute(2, 3, 1, 0).reshape(-1, q.shape[0]))  # rows (dy, dx, input channel)
+            # the stack keeps activations less 128: (sum + beta - 128 2**shift) >> shift is the shifted sum less 128
+            # exactly, and |sum + beta - 128 2**shift| <= 2 bound + 128 scale + 1 stays below 2**31 (checked above)
+            beta = beta - 128 * scale
             hidden.append((w.to(device), beta.int().to(device), shift.int().to(device)))
         w, b = convs[-1]
         w = w[:, :, 0, 0] * unit[-1].view(1, -1)
@@ -475,13 +531,8 @@ class ConvNet(nn.Module):
         return r if out is None else out.add_(r)
 
     def _exact_int(self, x: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
-        (w0, b0, n_lin), hidden, last = self._int
-        x = torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP)
-        r = _conv_strips(x, w0, b0)
-        out = r[:, :n_lin] if n_lin else None
-        a = r[:, n_lin:].floor_().clamp_(0, ACT_LEVELS).sub_(128).to(torch.int8)
-        res = _int_stack(a, hidden, *last, feats)
-        return res if out is None else res.add_(out)
+        first, hidden, last = self._int
+        return _int_stack(torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP), first, hidden, *last, feats)
 
     @torch.no_grad()
     def exact(self, x: torch.Tensor, integer: bool = False, feats: torch.Tensor | None = None) -> torch.Tensor:
