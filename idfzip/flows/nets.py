@@ -277,8 +277,11 @@ def _int_stack(
     scale,
     bias,
     feats: torch.Tensor | None = None,
+    keep: slice = slice(None),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The integer mode of a ConvNet on integer inputs x (B, C, H, W), float64 (clamped): (B, out, H, W) float64.
+    """The integer mode of a ConvNet on integer inputs x (B, C, H, W), float64 (clamped): (B, out, h, W) float64,
+    the output rows ``keep`` (h of them; default all), written into ``out`` if given.
 
     first = (w, n_lin): the first layer (``_first_layer``), whose first n_lin channels are the linear branch
     and the rest the first hidden layer's activations before rounding. Those activations, clamped to 0..255 and
@@ -289,7 +292,7 @@ def _int_stack(
     that is slow, by ``_conv_float``), adds beta (bias, the offset's corrections, half a unit), shifts right per
     channel and clamps to -128..127, the next activations less 128. The output layer gives (sum + beta) * scale +
     bias in float64, plus the linear branch; ``feats`` (B, C, H, W), if given, receives the activations it
-    multiplies (0..255, the last hidden layer's)."""
+    multiplies (0..255, the last hidden layer's; its rows ``keep``)."""
     B, _, H, W = x.shape
     w0, n_lin = first
     Wp = W + 2
@@ -297,7 +300,8 @@ def _int_stack(
     # the buffers hold the int8 values as int8 where _int_mm is fast, else as float32 (the same numbers)
     int8 = x.device.type == "cpu" and _int8_fast()
     dt = torch.int8 if int8 else torch.float32
-    out = torch.empty(B, w_out.shape[1] // 2, H, W, dtype=torch.float64, device=x.device)
+    if out is None:
+        out = torch.empty(B, w_out.shape[1] // 2, len(range(H)[keep]), W, dtype=torch.float64, device=x.device)
     with _float32_exact():
         for i in range(B):
             r = _first_layer(x[i], w0)
@@ -322,11 +326,11 @@ def _int_stack(
                 src, dst = dst, src
             last = src[Wp + 1 : Wp + 1 + n].contiguous()
             if feats is not None:
-                feats[i] = (last.view(H, Wp, C)[:, :W].permute(2, 0, 1).to(torch.int16) + 128).to(feats.dtype)
-            res = _imm(last, w_out).add_(beta).double().mul_(scale).add_(bias)
+                feats[i] = (last.view(H, Wp, C)[keep, :W].permute(2, 0, 1).to(torch.int16) + 128).to(feats.dtype)
+            res = torch.addcmul(bias, _imm(last, w_out).add_(beta).double(), scale)  # exact product, one rounding
             if n_lin:
                 res.add_(r[:, :n_lin])
-            out[i] = res.view(H, Wp, -1)[:, :W].permute(2, 0, 1)
+            out[i] = res.view(H, Wp, -1)[keep, :W].permute(2, 0, 1)
     return out
 
 
@@ -530,9 +534,9 @@ class ConvNet(nn.Module):
             return out
         return r if out is None else out.add_(r)
 
-    def _exact_int(self, x: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
+    def _exact_int(self, x: torch.Tensor, feats: torch.Tensor | None = None, **rows) -> torch.Tensor:
         first, hidden, last = self._int
-        return _int_stack(torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP), first, hidden, *last, feats)
+        return _int_stack(torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP), first, hidden, *last, feats, **rows)
 
     @torch.no_grad()
     def exact(self, x: torch.Tensor, integer: bool = False, feats: torch.Tensor | None = None) -> torch.Tensor:
@@ -555,7 +559,7 @@ class ConvNet(nn.Module):
 
     def _exact_strips(self, x: torch.Tensor, fn, feats: torch.Tensor | None = None) -> torch.Tensor:
         """``fn`` on strips of rows, each with the rows either side its outputs depend on (and ``feats``, if
-        given, filled through ``fn``'s on the same strips)."""
+        given, filled through the integer mode's on the same strips)."""
         B, _, H, W = x.shape
         rows = max(1, STRIP_POSITIONS // max(1, B * W))
         if rows >= H:
@@ -566,10 +570,8 @@ class ConvNet(nn.Module):
             r1 = min(H, r0 + rows)
             a, b = max(0, r0 - halo), min(H, r1 + halo)
             keep = slice(r0 - a, r0 - a + (r1 - r0))
-            if feats is None:
+            if fn == self._exact_int:  # writes its rows in place
+                fn(x[:, :, a:b], feats=None if feats is None else feats[:, :, r0:r1], keep=keep, out=out[:, :, r0:r1])
+            else:  # the float64 mode (no feats)
                 out[:, :, r0:r1] = fn(x[:, :, a:b])[:, :, keep]
-                continue
-            f = feats.new_empty(feats.shape[:2] + (b - a, W))
-            out[:, :, r0:r1] = fn(x[:, :, a:b], feats=f)[:, :, keep]
-            feats[:, :, r0:r1] = f[:, :, keep]
         return out
