@@ -122,41 +122,45 @@ def _pattern(q: np.ndarray, z: np.ndarray, K: int, p: np.ndarray, steps, gain: i
     lg, mu, ls = (np.moveaxis(q[:, i * K : (i + 1) * K], 1, 0)[:, :, None] for i in range(3))  # (K, C, 1, m)
     moved = [[0, 1, 4, 5], [2, 6], [3, 7]]  # candidates (rows of eye) that move a or b, d, t
 
-    def candidate_costs(act: np.ndarray, cands: np.ndarray) -> np.ndarray:  # cands (c, 8, 4) -> (c, 8)
-        def scales(P):  # P (c, r, 4) -> (K, c, r, m); likewise means, weights
+    def part(g: int, act: np.ndarray, P: np.ndarray) -> np.ndarray:  # P (c, r, 4) -> part g (K, c, r, m)
+        if g == 0:  # scale indices, from a and b
             a, b = P[None, :, :, 0, None], P[None, :, :, 1, None]
             return IntMixture.scale_idx_of(((ls[:, act] * (64 + a)) >> 6) + (b << (PARAM_FRAC - 6)))
-
-        def means(P):
+        if g == 1:
             return IntMixture.means_of((mu[:, act] * (64 + P[None, :, :, 2, None])) >> 6)
+        return IntMixture.weights_of((lg[:, act] * (64 + P[None, :, :, 3, None])) >> 6)
 
-        def weights(P):
-            return IntMixture.weights_of((lg[:, act] * (64 + P[None, :, :, 3, None])) >> 6)
-
-        parts = []
-        for rows, make in zip(moved, (scales, means, weights)):
-            full = np.repeat(make(p[act, None]), 8, axis=2)  # the current point's, for every candidate
-            full[:, :, rows] = make(cands[:, rows])
-            parts.append(full.reshape(K, -1))
+    def candidate_costs(act: np.ndarray, cands: np.ndarray) -> tuple[np.ndarray, list]:  # cands (c, 8, 4)
+        """The candidates' costs (c, 8), and their parts [(K, c, 8, m)] (scale indices, means, weights)."""
+        fulls = []
+        for g, rows in enumerate(moved):
+            full = np.repeat(here[g][:, act], 8, axis=2)  # the current point's, for every candidate
+            full[:, :, rows] = part(g, act, cands[:, rows])
+            fulls.append(full)
         c = len(act)
+        parts = [full.reshape(K, -1) for full in fulls]
         bits = IntMixture.from_parts(parts[2], parts[1], parts[0]).ideal_length(
             np.broadcast_to(z[act, None], (c, 8, m)).reshape(-1)
         )
-        return bits.reshape(c, 8, m).sum(2)
+        return bits.reshape(c, 8, m).sum(2), fulls
 
     p = p.copy()
     cur = _lengths(q, z, p, K)
+    everyone = np.arange(C)
+    here = [part(g, everyone, p[:, None]) for g in range(3)]  # the current point's parts (K, C, 1, m)
     for s in steps:
         active = np.ones(C, dtype=bool)
         for _ in range(32):
             act = np.flatnonzero(active)
             cands = np.clip(p[act, None, :] + s * eye, lo, hi)  # (c, 8, 4)
-            f = candidate_costs(act, cands)
+            f, fulls = candidate_costs(act, cands)
             i = np.argmin(f, 1)
             best = f[np.arange(len(act)), i]
             better = best <= cur[act] - gain
             p[act[better]] = cands[better, i[better]]
             cur[act[better]] = best[better]
+            for g in range(3):  # the moved streams' parts: their chosen candidate's
+                here[g][:, act[better], 0] = fulls[g][:, np.flatnonzero(better), i[better]]
             active[act[~better]] = False
             if not active.any():
                 break
