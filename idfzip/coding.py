@@ -100,11 +100,20 @@ def _tables(mix: Mixture, plan, entries_per_symbol, make):
 
 
 def _windows(mix: Mixture):
-    """centre, core class and (version 4) tail class per symbol; versions 1-3 have one window (tail None)."""
-    if mix.portable:
-        return tuple(torch.from_numpy(a) for a in mix._windows())
-    centre, cls = mix.windows()
-    return centre, cls, None
+    """centre and core class per symbol, and (version 4) a function of positions that gives a tensor of every
+    symbol's class holding their tail classes (the tail stage's symbols are few: only theirs are computed);
+    versions 1-3 have one window (None)."""
+    if not mix.portable:
+        centre, cls = mix.windows()
+        return centre, cls, None
+    centre, core = mix._core_windows()
+
+    def tails(pos: torch.Tensor) -> torch.Tensor:
+        cls = core.copy()
+        cls[pos.numpy()] = mix._tails(centre, core, pos.numpy())
+        return torch.from_numpy(cls)
+
+    return torch.from_numpy(centre), torch.from_numpy(core), tails
 
 
 def _offsets(z: torch.Tensor, centre: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
@@ -194,13 +203,14 @@ class Encoder:
         z = z.reshape(-1).long().cpu()
         if z.numel() != len(mix):
             raise ValueError("symbol count does not match the parameters")
-        centre, core, tail = _windows(mix)
+        centre, core, tails = _windows(mix)
         if mix.portable:
             ops, escaped = self._core(z, mix, centre, core)
         else:
             ops, escaped = self._stage(z, mix, centre, _plan(core), lambda part, p, w: part.table(centre[p], w))
         esc = _escaped(escaped, mix)
-        if tail is not None and esc.numel():  # version 4: the escaped symbols' tail stage, then raw words
+        if tails is not None and esc.numel():  # version 4: the escaped symbols' tail stage, then raw words
+            tail = tails(esc)
             staged = esc[tail[esc] > core[esc]]
             tail_ops, escaped = self._stage(z, mix, centre, _plan(tail, staged), _tail_tables(centre, core))
             ops += tail_ops
@@ -283,10 +293,11 @@ class Decoder:
 
     def _pop(self, mix: Mixture) -> torch.Tensor:
         z = torch.empty(len(mix), dtype=torch.long)
-        centre, core, tail = _windows(mix)
+        centre, core, tails = _windows(mix)
         escaped = self._core(z, mix, centre, _plan(core))
         esc = _escaped(escaped, mix)
-        if tail is not None and esc.numel():
+        if tails is not None and esc.numel():
+            tail = tails(esc)
             staged = esc[tail[esc] > core[esc]]
             escaped = self._stage(z, mix, centre, _plan(tail, staged), _tail_tables(centre, core))
             esc = torch.cat(escaped + [esc[tail[esc] == core[esc]]]).sort().values

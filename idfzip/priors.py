@@ -285,7 +285,7 @@ class IntMixture:
 
     def windows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per symbol: window centre and the index into WIDTHS of its core window (int64 tensors)."""
-        centre, core, _ = self._windows()
+        centre, core = self._core_windows()
         return torch.from_numpy(centre), torch.from_numpy(core)
 
     def _windows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,20 +297,30 @@ class IntMixture:
         with s_k from SCALE (2**-12 units) and ln from log2_q16 (products below 2**46); the core window takes
         b = CORE_TAIL_BITS, the tail window b = TAIL_BITS, each the narrowest width holding every component's
         half-width."""
-        K = self.weights.shape[0]
+        centre, core = self._core_windows()
+        return centre, core, self._tails(centre, core, np.arange(len(self)))
+
+    def _core_windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``_windows``'s centre and core classes (the coders need the tail classes of escaped symbols only)."""
         centre = (_sum(self.weights * self.means) + (1 << 30)) >> (WEIGHT_BITS + PARAM_FRAC)
+        return centre, self._classes(centre, CORE_TAIL_BITS)
+
+    def _tails(self, centre: np.ndarray, core: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """``_windows``'s tail classes of the symbols ``idx``."""
+        tail = self.take(idx)._classes(centre[idx], TAIL_BITS)
+        return np.minimum(np.maximum(tail, core[idx] + 1), len(WIDTHS) - 1)
+
+    def _classes(self, centre: np.ndarray, bits: int) -> np.ndarray:
+        """The narrowest width class around ``centre`` leaving at most 2**-bits of each component outside."""
+        K = self.weights.shape[0]
         dist = np.abs(self.means - (centre << PARAM_FRAC))
         lg = log2_q16(np.maximum(8 * K * self.weights, 1))  # < 2**21
         scale = tables.load()["SCALE"][self.scale_idx]
-        out = []
-        for bits in (CORE_TAIL_BITS, TAIL_BITS):
-            nats = (np.maximum(lg - ((17 - bits) << 16), 0) * LN2_Q16) >> 16  # 2**-16 units
-            half = np.where(self.weights > 0, dist + ((scale * nats) >> 12), -1)
-            for k in range(1, K):
-                np.maximum(half[0], half[k], out=half[0])
-            out.append(np.minimum(np.searchsorted(_HALF_LIMITS, half[0]), len(WIDTHS) - 1))
-        core, tail = out
-        return centre, core, np.minimum(np.maximum(tail, core + 1), len(WIDTHS) - 1)
+        nats = (np.maximum(lg - ((17 - bits) << 16), 0) * LN2_Q16) >> 16  # 2**-16 units
+        half = np.where(self.weights > 0, dist + ((scale * nats) >> 12), -1)
+        for k in range(1, K):
+            np.maximum(half[0], half[k], out=half[0])
+        return np.minimum(np.searchsorted(_HALF_LIMITS, half[0]), len(WIDTHS) - 1)
 
     def _starts(self, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per component and symbol (K, n): x0 = (lo - 1/2 - M) / s + 24 (the first edge, standardised and
