@@ -19,11 +19,11 @@ from PIL import Image
 from . import adapt
 from .coding import Decoder, Encoder, max_symbols
 from .container import (
+    FLOW_VERSION,
     MAX_PIXELS,
     MAX_SIDE,
     MAX_TILE,
     MODEL_HASH_BYTES,
-    FLOW_VERSION,
     SPLIT,
     Container,
     layout,

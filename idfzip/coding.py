@@ -3,8 +3,8 @@
 A *segment* is an array of integer symbols with one mixture each (:class:`~idfzip.priors.IntMixture`, or
 for files before version 4 :class:`~idfzip.priors.FloatMixture`). Within a segment the symbols are split by
 window width class (ascending), each class coded in position order in chunks (version 4 on: of at most
-MAX_CHUNK symbols), under ``Categorical(perfect=False)`` tables built by the mixture; a symbol outside its window is coded
-as the escape entry. Version 4 has two stages: every symbol is first coded in its narrow *core* window
+MAX_CHUNK symbols), under ``Categorical(perfect=False)`` tables built by the mixture; a symbol outside its
+window is coded as the escape entry. Version 4 has two stages: every symbol is first coded in its narrow *core* window
 (``IntMixture.table``), then the symbols that escaped it in their wider *tail* window (``tail_table``, the
 mixture outside the core, renormalised), grouped by tail width class in position order; versions 1-3 have one
 window. What escapes the last stage is sent raw as two 16-bit uniform symbols after all the categorical
@@ -109,8 +109,8 @@ def _windows(mix: Mixture):
     centre, core = mix._core_windows()
 
     def tails(pos: torch.Tensor) -> torch.Tensor:
-        cls = core.copy()
-        cls[pos.numpy()] = mix._tails(centre, core, pos.numpy())
+        cls, p = core.copy(), pos.numpy()
+        cls[p] = mix._tails(centre, core, p)
         return torch.from_numpy(cls)
 
     return torch.from_numpy(centre), torch.from_numpy(core), tails
@@ -231,8 +231,8 @@ class Encoder:
 
 def _tail_tables(centre: torch.Tensor, core: torch.Tensor):
     """``make`` for the tail stage's tables (``_tables``), given every symbol's core width class."""
-    core_width = torch.tensor(WIDTHS)[core]
-    return lambda part, p, width: part.tail_table(centre[p], core_width[p], width)
+    core_width = _WIDTHS[core.numpy()]
+    return lambda part, p, width: part.tail_table(centre[p], core_width[p.numpy()], width)
 
 
 class Decoder:

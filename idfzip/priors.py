@@ -295,25 +295,20 @@ class IntMixture:
         centre, core = self._core_windows()
         return torch.from_numpy(centre), torch.from_numpy(core)
 
-    def _windows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per symbol: centre, core and tail window classes (indices into WIDTHS; tail > core unless the core is
-        the widest).
+    def _core_windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per symbol: centre and core window class (an index into WIDTHS); the coders ask ``_tails`` for the tail
+        classes of the symbols that escaped the core only.
 
         centre = round(sum W_k M_k) (|W M| < 2**56). The half-width by which component k (W_k > 0) leaves at
         most 2**-b outside is |M_k - centre| + s_k ln(2 K pi_k 2**b) = |M_k - centre| + s_k ln(8 K W_k 2**(b-17)),
         with s_k from SCALE (2**-12 units) and ln from log2_q16 (products below 2**46); the core window takes
         b = CORE_TAIL_BITS, the tail window b = TAIL_BITS, each the narrowest width holding every component's
-        half-width."""
-        centre, core = self._core_windows()
-        return centre, core, self._tails(centre, core, np.arange(len(self)))
-
-    def _core_windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """``_windows``'s centre and core classes (the coders need the tail classes of escaped symbols only)."""
+        half-width (``_classes``)."""
         centre = (_sum(self.weights * self.means) + (1 << 30)) >> (WEIGHT_BITS + PARAM_FRAC)
         return centre, self._classes(centre, CORE_TAIL_BITS)
 
     def _tails(self, centre: np.ndarray, core: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """``_windows``'s tail classes of the symbols ``idx``."""
+        """The tail window classes of the symbols ``idx`` (above their core's, unless that is the widest)."""
         tail = self.take(idx)._classes(centre[idx], TAIL_BITS)
         return np.minimum(np.maximum(tail, core[idx] + 1), len(WIDTHS) - 1)
 

@@ -47,8 +47,9 @@ ACT_INT_BITS = 12  # hidden activations in [-4096, 4096]
 _MANTISSA = 53
 # Memory: glibc keeps buffers below 32 MB on the heap and reuses them; larger ones are mapped and faulted in
 # anew on every call, which can cost more than the arithmetic. So ``exact`` runs the network on strips of
-# about STRIP_POSITIONS positions (each with a halo of rows: its activations stay near 12 MB), and each k x k
-# convolution in it on sub-strips whose unfolded input (positions x in_channels * k * k) stays near STRIP_BYTES.
+# about STRIP_POSITIONS positions (each with a halo of rows: its activations stay near 12 MB); in the float64 mode
+# each k x k convolution in it runs on sub-strips whose unfolded input (positions x in_channels * k * k) stays
+# near STRIP_BYTES (the integer mode's first layer gathers its inputs by FIRST_CHUNK_BYTES).
 STRIP_POSITIONS = 1 << 15
 STRIP_BYTES = 3 << 23
 # integer mode (container version 5)
