@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from idfzip import tables
+from idfzip import priors, tables
 from idfzip.coding import MIN_SYMBOL_BITS, Decoder, Encoder, max_symbols
 from idfzip.errors import CorruptFileError
 from idfzip.priors import MAX_FREQ, STRIDES, WIDTHS, FloatMixture, IntMixture, nll_bits
@@ -187,6 +187,35 @@ def test_split_windows_give_each_symbol_its_table_frequencies(peaked):
         if g > 1:
             one = part.inner_rows(centre[sel], width, g, bucket[sel], t[sel])
             assert all(map(np.array_equal, (inner[sel], j[sel]), one))
+
+
+def test_blocks_of_symbols_change_nothing(monkeypatch):
+    """The integer CDF work runs on blocks of symbols (priors.BLOCK values at a time): tiny blocks (the last
+    one short) give every method the same results as one block, with per-symbol and shared arguments."""
+    raw = raw_params(1001, seed=11)
+    mix = IntMixture(raw, 3)
+    z = sample(raw, seed=11).numpy()
+    centre = mix._core_windows()[0]
+    rng = np.random.default_rng(2)
+    widths = np.array([12, 24, 192])[rng.integers(0, 3, len(mix))]
+    strides = np.array([STRIDES[w] for w in widths])
+    s = rng.integers(0, 1 << 20, len(mix)) % (widths // strides + 1)
+    bucket = np.minimum(s, widths // strides - 1)
+    t = rng.integers(0, 1 << 20, len(mix)) % strides
+    calls = [
+        lambda: mix.table(torch.from_numpy(centre), 192, 12),
+        lambda: mix.symbol_rows(centre, widths, s, strides),
+        lambda: mix.inner_table(centre, 192, 12, bucket),
+        lambda: mix.inner_rows(centre, widths, strides, bucket, t),
+        lambda: mix.tail_table(torch.from_numpy(centre), np.full(len(mix), 12), 64),
+        lambda: mix.ideal_length(z),
+    ]
+    whole = [call() for call in calls]
+    monkeypatch.setattr(priors, "BLOCK", 40)
+    for call, want in zip(calls, whole):
+        got = call()
+        pairs = zip(got, want) if isinstance(want, tuple) else [(got, want)]
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
 
 
 def test_split_windows_cost_next_to_nothing():
