@@ -227,13 +227,13 @@ class _Tile:
             C, z = self.C, self.z[level]
             ctx = torch.cat([self._kept(level), z[:, : j * C]], 1)
             feats = None
+            pos = self.groups[level][g]
             if self.fitting or (level, j) in self.deltas:
-                hidden = self.flow.config.prior_hidden
-                feats = torch.empty((1, hidden) + z.shape[2:], dtype=torch.uint8, device=self.device)
-            raw = self.flow.prior_raw(level, j, ctx, z[:, j * C : (j + 1) * C], g, self.integer, feats)
-            self._raw[g] = _gather(raw, self.groups[level][g])
+                shape = (1, self.flow.config.prior_hidden) + (z.shape[2:] if pos is None else (1, len(pos)))
+                feats = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            self._raw[g] = self.flow.prior_raw(level, j, ctx, z[:, j * C : (j + 1) * C], g, self.integer, feats, pos)
             if feats is not None:
-                self._feat[g] = _gather(feats, self.groups[level][g]).flatten(2)[0]
+                self._feat[g] = feats.flatten(2)[0]
         raw, K = self._raw[g], self.K
         if self.flow.n_ar:
             zg = self.symbols(Segment(level, j, g))

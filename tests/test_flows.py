@@ -132,6 +132,30 @@ def test_integer_mode_is_independent_of_strips_threads_and_batching(monkeypatch,
     assert (full.float() - ref).abs().mean() <= 0.02 * ref.abs().mean()
 
 
+@pytest.mark.parametrize("layers", [1, 2, 3])  # no hidden 3x3 layer after the first, one, two
+def test_outputs_at_some_positions_are_those_of_the_whole(monkeypatch, layers):
+    """``exact(pos=...)`` (the integer mode computes its last hidden and output layers at those positions only)
+    gives the whole output's values and hidden activations at pos, in strips or not, with int8 or float32
+    products; the float64 mode gathers its whole output."""
+    x = rand_ints(1, 7, 29, 21, lo=-3000, hi=3000, seed=5)
+    net = calibrated(perturbed(ConvNet(7, 6, hidden=16, layers=layers), seed=9), x)
+    pos = torch.nonzero(((torch.arange(29)[:, None] + torch.arange(21)) % 2 == 1).flatten()).flatten()
+    pos = torch.cat([pos[:5], pos[100:101], pos[-40:]])  # uneven: some strips hold none
+    feats = torch.empty(1, 16, 29, 21, dtype=torch.uint8)
+    full = net.exact(x, integer=True, feats=feats)
+    want, want_feats = full.flatten(2)[:, :, pos], feats.flatten(2)[:, :, pos]
+    for strips in (False, True):
+        if strips:
+            monkeypatch.setattr(nets, "STRIP_POSITIONS", 60)  # strips of 2 rows
+        for fast in (True, False):
+            monkeypatch.setattr(nets, "_INT8_FAST", fast)
+            got_feats = torch.zeros(1, 16, 1, len(pos), dtype=torch.uint8)
+            got = net.exact(x, integer=True, feats=got_feats, pos=pos)
+            assert got.shape == (1, 6, 1, len(pos))
+            assert torch.equal(got[:, :, 0], want) and torch.equal(got_feats[:, :, 0], want_feats)
+    assert torch.equal(net.exact(x, pos=pos)[:, :, 0], net.exact(x).flatten(2)[:, :, pos])
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_integer_mode_is_plain_convolutions(monkeypatch, fast):
     """The integer mode's layouts (flat padded buffers, gathered neighbourhoods, the bias as a row, activations

@@ -298,8 +298,9 @@ class HierarchicalIDF(nn.Module):
         group: int = 0,
         integer: bool = False,
         feats: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Exact mixture parameters of slot ``slot`` of z_level given ctx = [kept, slots < slot], for pass
         ``group`` (with a checkerboard context the second pass also needs the slot's anchors, ``zj``);
-        ``feats`` receives the net's last hidden activations (``ConvNet.exact``)."""
-        return self.priors[level][slot].exact(self.slot_input(ctx, zj, group), integer, feats)
+        ``feats`` receives the net's last hidden activations; ``pos``: at those positions only (``ConvNet.exact``)."""
+        return self.priors[level][slot].exact(self.slot_input(ctx, zj, group), integer, feats, pos)

@@ -280,17 +280,21 @@ def _int_stack(
     feats: torch.Tensor | None = None,
     keep: slice = slice(None),
     out: torch.Tensor | None = None,
+    sel: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The integer mode of a ConvNet on integer inputs x (B, C, H, W), float64 (clamped): (B, out, h, W) float64,
-    the output rows ``keep`` (h of them; default all), written into ``out`` if given.
+    the output rows ``keep`` (h of them; default all), written into ``out`` if given. With ``sel`` (int64, the
+    flat indices r (W + 2) + c of output positions (r, c), ``_padded_rows``) instead: (B, out, 1, len(sel)), the
+    outputs at those positions only; the output layer is 1x1, so the last hidden layer is computed there only
+    (``_neighbours``), the same integers as at every position.
 
     first = (w, n_lin): the first layer (``_first_layer``), whose first n_lin channels are the linear branch
     and the rest the first hidden layer's activations before rounding. Those activations, clamped to 0..255 and
     offset by -128 into int8, live in a flat buffer of (H + 3) x (W + 2) positions by C channels as in
     ``_hidden_stack`` (padding: activation 0, stored as -128); a hidden 3x3 layer multiplies the nine shifted row
     ranges by the layer's weight halves (with int8 buffers gathered into one (positions, 9 C) matrix for
-    ``torch._int_mm``, three copies of overlapping row ranges as in ``_first_layer``; with float32 buffers, where
-    that is slow, by ``_conv_float``), adds beta (bias, the offset's corrections, half a unit), shifts right per
+    ``torch._int_mm`` by one ``index_select`` of rows, ``_neighbours``; with float32 buffers, where that product
+    is slow, by ``_conv_float``), adds beta (bias, the offset's corrections, half a unit), shifts right per
     channel and clamps to -128..127, the next activations less 128. The output layer gives (sum + beta) * scale +
     bias in float64, plus the linear branch; ``feats`` (B, C, H, W), if given, receives the activations it
     multiplies (0..255, the last hidden layer's; its rows ``keep``)."""
@@ -302,7 +306,8 @@ def _int_stack(
     int8 = x.device.type == "cpu" and _int8_fast()
     dt = torch.int8 if int8 else torch.float32
     if out is None:
-        out = torch.empty(B, w_out.shape[1] // 2, len(range(H)[keep]), W, dtype=torch.float64, device=x.device)
+        shape = (len(range(H)[keep]), W) if sel is None else (1, len(sel))
+        out = torch.empty((B, w_out.shape[1] // 2) + shape, dtype=torch.float64, device=x.device)
     with _float32_exact():
         for i in range(B):
             r = _first_layer(x[i], w0)
@@ -311,28 +316,53 @@ def _int_stack(
             a.view(H, Wp, C)[:, W:] = -128
             src = torch.full(((H + 3) * Wp, C), -128, dtype=dt, device=x.device)
             src[Wp + 1 : Wp + 1 + n] = a
-            dst = src.clone() if hidden else src
-            cols = torch.empty(n, 9 * C, dtype=dt, device=x.device) if hidden and int8 else None
-            for w, b, shift in hidden:
+            full = hidden[:-1] if sel is not None else hidden  # the layers computed at every position
+            dst = src.clone() if full else src
+            if full and int8:
+                every = _neighbours(torch.arange(n, device=x.device), Wp)
+                cols = torch.empty(len(every), C, dtype=dt, device=x.device)
+            for w, b, shift in full:
                 if int8:
-                    for dy in range(3):
-                        rows = src.as_strided((n, 3 * C), (C, 1), dy * Wp * C)
-                        cols[:, 3 * C * dy : 3 * C * (dy + 1)] = rows
-                    y = _imm(cols, w)
+                    y = _imm(torch.index_select(src, 0, every, out=cols).view(n, 9 * C), w)
                 else:
                     y = _conv_float(src, w, Wp, n)
                 y = y.add_(b).bitwise_right_shift_(shift).clamp_(-128, ACT_LEVELS - 128)
                 y.view(H, Wp, C)[:, W:] = -128
                 dst[Wp + 1 : Wp + 1 + n] = y
                 src, dst = dst, src
-            last = src[Wp + 1 : Wp + 1 + n].contiguous()
+            if sel is None:
+                last = src[Wp + 1 : Wp + 1 + n].contiguous()
+                act = last.view(H, Wp, C)[keep, :W].permute(2, 0, 1)
+            elif hidden:
+                w, b, shift = hidden[-1]
+                cols = src.index_select(0, _neighbours(sel, Wp)).view(len(sel), 9 * C)
+                last = _imm(cols, w).add_(b).bitwise_right_shift_(shift)
+                last = last.clamp_(-128, ACT_LEVELS - 128).to(dt)
+                act = last.t()[:, None]
+            else:
+                last = src[Wp + 1 + sel]
+                act = last.t()[:, None]
             if feats is not None:
-                feats[i] = (last.view(H, Wp, C)[keep, :W].permute(2, 0, 1).to(torch.int16) + 128).to(feats.dtype)
+                feats[i] = (act.to(torch.int16) + 128).to(feats.dtype)
             res = torch.addcmul(bias, _imm(last, w_out).add_(beta).double(), scale)  # exact product, one rounding
             if n_lin:
-                res.add_(r[:, :n_lin])
-            out[i] = res.view(H, Wp, -1)[keep, :W].permute(2, 0, 1)
+                res.add_(r[:, :n_lin] if sel is None else r[sel, :n_lin])
+            out[i] = res.view(H, Wp, -1)[keep, :W].permute(2, 0, 1) if sel is None else res.t()[:, None]
     return out
+
+
+def _neighbours(rows: torch.Tensor, Wp: int) -> torch.Tensor:
+    """The buffer rows of the 3 x 3 neighbourhoods of output rows ``rows`` in ``_int_stack``'s layout, (dy, dx)
+    in order for each: gathered from the (positions, C) buffer with ``index_select`` they are the (len(rows),
+    9 C) matrix of the neighbourhoods (rows (dy, dx, channel)), at about a third of the time of three strided
+    copies (int8) and a tenth (float32)."""
+    off = torch.tensor([dy * Wp + dx for dy in range(3) for dx in range(3)], device=rows.device)
+    return (rows[:, None] + off).flatten()
+
+
+def _padded_rows(pos: torch.Tensor, W: int) -> torch.Tensor:
+    """Flat positions r W + c of an H x W image -> their indices r (W + 2) + c in ``_int_stack``'s layout."""
+    return pos + 2 * torch.div(pos, W, rounding_mode="floor")
 
 
 class ConvNet(nn.Module):
@@ -540,11 +570,19 @@ class ConvNet(nn.Module):
         return _int_stack(torch.clamp(x, -INPUT_CLAMP, INPUT_CLAMP), first, hidden, *last, feats, **rows)
 
     @torch.no_grad()
-    def exact(self, x: torch.Tensor, integer: bool = False, feats: torch.Tensor | None = None) -> torch.Tensor:
+    def exact(
+        self,
+        x: torch.Tensor,
+        integer: bool = False,
+        feats: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Exact evaluation of integer-valued ``x`` (any float or int dtype), in strips of rows, as float64: the
         integer mode (version 5) when ``integer``, else float64 fixed point. ``feats`` (integer mode only; B,
         hidden, H, W, an integer dtype), if given, receives the last hidden layer's activations, 0..255 in
-        units of 2**act_exp (version 7's output updates, idfzip.adapt, are products with them)."""
+        units of 2**act_exp (version 7's output updates, idfzip.adapt, are products with them). ``pos``
+        (ascending flat positions of H x W), if given: the outputs (and ``feats``) at those positions only,
+        (B, out, 1, len(pos)) (the integer mode computes its last hidden and output layers there only)."""
         if self._frozen is None or self._frozen[0][0].device != x.device:
             self.freeze(x.device)
         if integer and self._int is None and self.convs[:-1]:
@@ -553,25 +591,39 @@ class ConvNet(nn.Module):
         if feats is not None and fn != self._exact_int:
             raise ValueError("hidden activations are given in the integer mode only")
         x = x.double()
+        if pos is not None and fn != self._exact_int:
+            return self.exact(x, integer).flatten(2)[:, :, pos.to(x.device)].unsqueeze(2)
         if x.is_cuda:  # cuDNN may pick FFT/Winograd algorithms, which are not exact: use plain GEMM kernels
             with torch.backends.cudnn.flags(enabled=False):
-                return self._exact_strips(x, fn, feats)
-        return self._exact_strips(x, fn, feats)
+                return self._exact_strips(x, fn, feats, pos)
+        return self._exact_strips(x, fn, feats, pos)
 
-    def _exact_strips(self, x: torch.Tensor, fn, feats: torch.Tensor | None = None) -> torch.Tensor:
+    def _exact_strips(self, x: torch.Tensor, fn, feats: torch.Tensor | None = None, pos=None) -> torch.Tensor:
         """``fn`` on strips of rows, each with the rows either side its outputs depend on (and ``feats``, if
-        given, filled through the integer mode's on the same strips)."""
+        given, filled through the integer mode's on the same strips); with ``pos`` (integer mode), each strip
+        gives the outputs at the positions in its rows."""
         B, _, H, W = x.shape
         rows = max(1, STRIP_POSITIONS // max(1, B * W))
-        if rows >= H:
+        if pos is not None:
+            pos = pos.to(x.device)
+            if rows >= H:
+                return fn(x, feats=feats, sel=_padded_rows(pos, W))
+            starts = torch.arange(0, H + rows, rows, device=x.device).clamp_(max=H)
+            ends = torch.searchsorted(pos, starts * W).tolist()  # strip k's positions: pos[ends[k] : ends[k + 1]]
+        elif rows >= H:
             return fn(x) if feats is None else fn(x, feats=feats)
         halo = self.halo
-        out = torch.empty(B, self.out_ch, H, W, dtype=torch.float64, device=x.device)
-        for r0 in range(0, H, rows):
+        shape = (H, W) if pos is None else (1, len(pos))
+        out = torch.empty((B, self.out_ch) + shape, dtype=torch.float64, device=x.device)
+        for k, r0 in enumerate(range(0, H, rows)):
             r1 = min(H, r0 + rows)
             a, b = max(0, r0 - halo), min(H, r1 + halo)
             keep = slice(r0 - a, r0 - a + (r1 - r0))
-            if fn == self._exact_int:  # writes its rows in place
+            if pos is not None:  # the strip's positions, counted from its first row with the halo, a
+                i0, i1 = ends[k], ends[k + 1]
+                part = None if feats is None else feats[..., i0:i1]
+                fn(x[:, :, a:b], feats=part, sel=_padded_rows(pos[i0:i1] - a * W, W), out=out[..., i0:i1])
+            elif fn == self._exact_int:  # writes its rows in place
                 fn(x[:, :, a:b], feats=None if feats is None else feats[:, :, r0:r1], keep=keep, out=out[:, :, r0:r1])
             else:  # the float64 mode (no feats)
                 out[:, :, r0:r1] = fn(x[:, :, a:b])[:, :, keep]
