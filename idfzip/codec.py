@@ -56,7 +56,8 @@ class FitPlan:
     steps: int = 0  # of the offsets' fit
     delta: int = 0
     delta_steps: int = 0
-    gain: int = adapt.MIN_GAIN  # the search's least saving per step (idfzip.adapt._pattern)
+    gain: int = adapt.MIN_GAIN  # the search's least saving per step (idfzip.adapt._pattern) ...
+    coarse: int = adapt.COARSE_STEPS  # ... and its steps on half the sample (idfzip.adapt._search)
 
 
 def fit_plan(effort: int) -> FitPlan:
@@ -64,8 +65,9 @@ def fit_plan(effort: int) -> FitPlan:
     usual; 7: also offsets and gains, fitted on 2**12 symbols per stream in 60 steps; 8-9: offsets and gains on
     2**14, and output updates of the slots of at least adapt.DELTA_MIN_SYMBOLS symbols (format version 7),
     fitted on 2**15 positions in 200 and 400 steps. The search stops where a step saves less than 1/4 bit on
-    its sample (adapt.MIN_GAIN), at efforts 7-9 about 1e-3 bits (adapt.FINE_GAIN). Decoding costs about the same
-    at every effort."""
+    its sample (adapt.MIN_GAIN), at efforts 7-9 about 1e-3 bits (adapt.FINE_GAIN); it runs on half its sample
+    throughout, at efforts 7-9 its last two steps on all of it (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Decoding
+    costs about the same at every effort."""
     if effort not in EFFORTS:
         raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
     if effort == 1:
@@ -74,9 +76,10 @@ def fit_plan(effort: int) -> FitPlan:
         return FitPlan(adapt.FIT_SYMBOLS // 2)
     if effort <= 6:
         return FitPlan(adapt.FIT_SYMBOLS)
+    fine = {"gain": adapt.FINE_GAIN, "coarse": adapt.FINE_COARSE_STEPS}
     if effort == 7:
-        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 60, gain=adapt.FINE_GAIN)
-    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 60, 1 << 15, adapt.DELTA_STEPS * (effort - 7), adapt.FINE_GAIN)
+        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 60, **fine)
+    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 60, 1 << 15, adapt.DELTA_STEPS * (effort - 7), **fine)
 
 
 @dataclass
@@ -263,12 +266,12 @@ class _Tile:
         passes = range(self.flow.passes)
         segments = [(self.symbols(Segment(level, j, g)), self.channel_raws(level, j, g)) for g in passes]
         fit = (plan.symbols, plan.offsets, plan.steps)
-        p, saved = adapt.fit_slot(segments, self.C, self.K, *fit, gain=plan.gain)
+        p, saved = adapt.fit_slot(segments, self.C, self.K, *fit, gain=plan.gain, coarse=plan.coarse)
         if self.fitting and sum(z.numel() for z, _ in segments) >= adapt.DELTA_MIN_SYMBOLS:
             f = torch.cat([self._feat[g] for g in passes], 1)
             D = adapt.fit_delta(segments, f, self.C, self.K, plan.delta, plan.delta_steps)
             if D.any():
-                pd, by = adapt.fit_slot(segments, self.C, self.K, *fit, (D, f), gain=plan.gain)
+                pd, by = adapt.fit_slot(segments, self.C, self.K, *fit, (D, f), gain=plan.gain, coarse=plan.coarse)
                 by -= (8 * (len(adapt.rice_bytes(D)) + 2) + adapt.MARGIN_BITS) << 16
                 if by > max(saved, 0):
                     p, self.deltas[level, j] = pd, D
@@ -434,7 +437,7 @@ def compress_with_stats(
         # write version 4
         c.version = FLOW_VERSION if mdl.flow.integer else 4
         if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only
-            plan = FitPlan(plan.symbols, gain=plan.gain)
+            plan = FitPlan(plan.symbols, gain=plan.gain, coarse=plan.coarse)
         c.tiles, c.adapted, c.version, stats.nll_bits = _encode_rgb(
             mdl, rgb, c.tile_side, device, c.version, plan, progress
         )

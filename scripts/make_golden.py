@@ -1,7 +1,8 @@
 """Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7,rgb_e8}.idfz from the
 PNGs beside them, with the shipped `natural` model (tests/test_golden.py decodes them and requires re-encoding to
 give the same bytes). Run only when the container version or the encoder's choices change (as the adaptation
-search's did in ce6cf96 and in the commit that set adapt.MIN_GAIN), never to make a failing test pass.
+search's did in ce6cf96, in the commit that set adapt.MIN_GAIN and in the one that set
+adapt.COARSE_STEPS = 5), never to make a failing test pass.
 
 The {rgb,rgba,tiled}_v5.idfz, rgb_e7_v6.idfz and rgb_e8_v7.idfz files were written the same way by commit
 df9838d (versions 5-7, before split windows), the {rgb,rgba,tiled}_v4.idfz files by commit 88ca5f9 (version 4, float64
