@@ -82,51 +82,62 @@ def _chunks(n: int, entries_per_symbol: int, portable: bool):
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
-def _plan(cls: torch.Tensor, rows: torch.Tensor | None = None):
+# Positions, centres, classes and symbols are numpy int64 arrays inside the coders (torch's per-call cost on
+# these small per-chunk steps was about 8% of a decode); only the float mixtures of versions 1-3 take tensors.
+
+
+def _plan(cls: np.ndarray, rows: np.ndarray | None = None):
     """Per width class present, ascending: (width, positions ascending) of ``rows`` (default: all)."""
-    rows = torch.arange(len(cls)) if rows is None else rows
+    rows = np.arange(len(cls)) if rows is None else rows
     c = cls[rows]
-    return [(WIDTHS[k], rows[c == k]) for k in torch.unique(c).tolist()]
+    return [(WIDTHS[k], rows[c == k]) for k in np.unique(c).tolist()]
 
 
 def _tables(mix: Mixture, plan, entries_per_symbol, make):
     """(positions, width, table) of every chunk of a stage, in coding order: ``make(part, p, width)`` builds
     the table of the chunk's positions p (mixture ``part``); ``entries_per_symbol(width)`` sizes the chunks."""
     for width, pos in plan:
-        sub = mix.take(pos.numpy() if mix.portable else pos)
+        sub = mix.take(pos if mix.portable else torch.from_numpy(pos))
         for a, b in _chunks(len(pos), entries_per_symbol(width), mix.portable):
             p = pos[a:b]
             yield p, width, make(sub.take(slice(a, b) if mix.portable else torch.arange(a, b)), p, width)
 
 
+def _core_tables(mix: Mixture, centre: np.ndarray):
+    """``make`` for the tables of a one-step core stage (``_tables``)."""
+    if mix.portable:
+        return lambda part, p, w: part.table(centre[p], w)
+    return lambda part, p, w: part.table(torch.from_numpy(centre[p]), w)
+
+
 def _windows(mix: Mixture):
-    """centre and core class per symbol, and (version 4) a function of positions that gives a tensor of every
+    """centre and core class per symbol, and (version 4) a function of positions that gives an array of every
     symbol's class holding their tail classes (the tail stage's symbols are few: only theirs are computed);
     versions 1-3 have one window (None)."""
     if not mix.portable:
         centre, cls = mix.windows()
-        return centre, cls, None
+        return centre.numpy(), cls.numpy(), None
     centre, core = mix._core_windows()
 
-    def tails(pos: torch.Tensor) -> torch.Tensor:
-        cls, p = core.copy(), pos.numpy()
-        cls[p] = mix._tails(centre, core, p)
-        return torch.from_numpy(cls)
+    def tails(pos: np.ndarray) -> np.ndarray:
+        cls = core.copy()
+        cls[pos] = mix._tails(centre, core, pos)
+        return cls
 
-    return torch.from_numpy(centre), torch.from_numpy(core), tails
+    return centre, core, tails
 
 
-def _offsets(z: torch.Tensor, centre: torch.Tensor, pos: torch.Tensor, width: int) -> torch.Tensor:
+def _offsets(z: np.ndarray, centre: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
     """The entries of symbols z[pos] in windows of ``width`` around their centres, ``width`` (the escape) if
     outside."""
     off = z[pos] - centre[pos] + width // 2
-    return torch.where((off < 0) | (off >= width), width, off)
+    return np.where((off < 0) | (off >= width), width, off)
 
 
-def _escaped(escaped: list[torch.Tensor], mix: Mixture) -> torch.Tensor:
+def _escaped(escaped: list[np.ndarray], mix: Mixture) -> np.ndarray:
     """Positions that escaped a stage, ascending (versions 1-3: in width class order, then ascending)."""
-    esc = torch.cat(escaped) if escaped else torch.zeros(0, dtype=torch.long)
-    return esc.sort().values if mix.portable else esc
+    esc = np.concatenate(escaped) if escaped else np.zeros(0, dtype=np.int64)
+    return np.sort(esc) if mix.portable else esc
 
 
 def _threads(mix: Mixture):
@@ -158,18 +169,17 @@ class Encoder:
         self.bits -= float(np.log2(f / (1 << PROB_BITS)).sum())
         return i, probs
 
-    def _core(self, z, mix, centre, core) -> tuple[list, list[torch.Tensor]]:
+    def _core(self, z, mix, centre, core) -> tuple[list, list[np.ndarray]]:
         """The core stage, each symbol under its own 3-entry row (no whole tables), then with split windows
         the second step of the symbols that did not escape their buckets; and the positions that escaped. Every
         class at once, in coding order (class, then position: a stable sort by core class)."""
-        cls = core.numpy()
-        order = np.argsort(cls, kind="stable")
+        order = np.argsort(core, kind="stable")
         if not len(order):
             return [], []
-        width = _WIDTHS[cls[order]]
-        stride = (_STRIDES if self.split else np.ones_like(_WIDTHS))[cls[order]]
-        c = centre.numpy()[order]
-        off = z.numpy()[order] - c + width // 2
+        width = _WIDTHS[core[order]]
+        stride = (_STRIDES if self.split else np.ones_like(_WIDTHS))[core[order]]
+        c = centre[order]
+        off = z[order] - c + width // 2
         inside = (off >= 0) & (off < width)
         s = np.where(inside, off, width) // stride
         sub = mix.take(order)
@@ -178,9 +188,9 @@ class Encoder:
         if len(keep):
             rows = sub.take(keep).inner_rows(c[keep], width[keep], stride[keep], s[keep], off[keep] % stride[keep])
             ops.append(self._counted(*rows))
-        return ops, [torch.from_numpy(order[~inside])]
+        return ops, [order[~inside]]
 
-    def _stage(self, z, mix, centre, plan, make) -> tuple[list, list[torch.Tensor]]:
+    def _stage(self, z, mix, centre, plan, make) -> tuple[list, list[np.ndarray]]:
         """Tables (``make``, as for ``_tables``) and symbols of a stage's chunks, and the positions that
         escaped."""
         ops = []
@@ -190,38 +200,37 @@ class Encoder:
         for pos, width, probs in _tables(mix, plan, lambda w: w + 1, make):
             s = entries[width][done[width] : done[width] + len(pos)]
             done[width] += len(pos)
-            rows = torch.arange(len(pos))
             if mix.portable:  # exactly what constriction codes
-                p = (probs[rows, s].double() + 1) / (1 << PROB_BITS)
+                p = torch.from_numpy((probs.numpy()[np.arange(len(pos)), s].astype(np.float64) + 1) / (1 << PROB_BITS))
             else:
-                p = torch.clamp(probs[rows, s] / probs.sum(1), min=2.0**-24)
+                p = torch.clamp(probs[torch.arange(len(pos)), torch.from_numpy(s)] / probs.sum(1), min=2.0**-24)
             self.bits -= float(torch.log2(p).sum())
-            ops.append((s.numpy().astype(np.int32), probs.numpy()))
+            ops.append((s.astype(np.int32), probs.numpy()))
         return ops, escaped
 
     def _push(self, z: torch.Tensor, mix: Mixture) -> None:
-        z = z.reshape(-1).long().cpu()
-        if z.numel() != len(mix):
+        z = z.reshape(-1).long().cpu().numpy()
+        if len(z) != len(mix):
             raise ValueError("symbol count does not match the parameters")
         centre, core, tails = _windows(mix)
         if mix.portable:
             ops, escaped = self._core(z, mix, centre, core)
         else:
-            ops, escaped = self._stage(z, mix, centre, _plan(core), lambda part, p, w: part.table(centre[p], w))
+            ops, escaped = self._stage(z, mix, centre, _plan(core), _core_tables(mix, centre))
         esc = _escaped(escaped, mix)
-        if tails is not None and esc.numel():  # version 4: the escaped symbols' tail stage, then raw words
+        if tails is not None and len(esc):  # version 4: the escaped symbols' tail stage, then raw words
             tail = tails(esc)
             staged = esc[tail[esc] > core[esc]]
             tail_ops, escaped = self._stage(z, mix, centre, _plan(tail, staged), _tail_tables(centre, core))
             ops += tail_ops
-            esc = torch.cat(escaped + [esc[tail[esc] == core[esc]]]).sort().values
-        if esc.numel():
+            esc = np.sort(np.concatenate(escaped + [esc[tail[esc] == core[esc]]]))
+        if len(esc):
             raw = z[esc] - centre[esc] + _RAW_BIAS
-            if bool(((raw < 0) | (raw >= 1 << 32)).any()):
+            if ((raw < 0) | (raw >= 1 << 32)).any():
                 raise ValueError("latent out of the codable range")
-            words = torch.stack([raw >> 16, raw & 0xFFFF], 1).reshape(-1).numpy().astype(np.int32)
+            words = np.stack([raw >> 16, raw & 0xFFFF], 1).reshape(-1).astype(np.int32)
             self._coder.encode_reverse(words, _U16)
-            self.bits += 32.0 * esc.numel()
+            self.bits += 32.0 * len(esc)
         for s, probs in reversed(ops):
             self._coder.encode_reverse(s, _CATEGORICAL, probs)
 
@@ -229,10 +238,10 @@ class Encoder:
         return self._coder.get_compressed().astype("<u4").tobytes()
 
 
-def _tail_tables(centre: torch.Tensor, core: torch.Tensor):
+def _tail_tables(centre: np.ndarray, core: np.ndarray):
     """``make`` for the tail stage's tables (``_tables``), given every symbol's core width class."""
-    core_width = _WIDTHS[core.numpy()]
-    return lambda part, p, width: part.tail_table(centre[p], core_width[p.numpy()], width)
+    core_width = _WIDTHS[core]
+    return lambda part, p, width: part.tail_table(centre[p], core_width[p], width)
 
 
 class Decoder:
@@ -263,49 +272,49 @@ class Decoder:
             except BaseException as e:  # noqa: BLE001 - a Rust panic in constriction is a BaseException
                 raise CorruptFileError(f"entropy-coded stream cannot be decoded ({e})") from None
 
-    def _stage(self, z, mix, centre, plan, make, strides=None) -> list[torch.Tensor]:
+    def _stage(self, z, mix, centre, plan, make, strides=None) -> list[np.ndarray]:
         """Decode a stage's chunks (tables from ``make``, as for ``_tables``) into z; the positions that escaped.
         ``strides`` (per width, split windows): z gets the first value of each symbol's bucket."""
         escaped = []
         stride = strides.get if strides else lambda w: 1
         for p, width, probs in _tables(mix, plan, lambda w: w // stride(w) + 1, make):
             self._check_left()
-            s = torch.from_numpy(self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64))
+            s = self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64)
             g = stride(width)
             z[p] = centre[p] - width // 2 + s * g
             escaped.append(p[s == width // g])
         return escaped
 
-    def _core(self, z, mix, centre, plan) -> list[torch.Tensor]:
+    def _core(self, z, mix, centre, plan) -> list[np.ndarray]:
         """The core stage, then with split windows the second step of the symbols inside their buckets."""
         if not self.split:
-            return self._stage(z, mix, centre, plan, lambda part, p, w: part.table(centre[p], w))
+            return self._stage(z, mix, centre, plan, _core_tables(mix, centre))
         escaped = self._stage(z, mix, centre, plan, lambda part, p, w: part.table(centre[p], w, STRIDES[w]), STRIDES)
         inner = [(w, pos[z[pos] - centre[pos] + w // 2 < w]) for w, pos in plan if STRIDES[w] > 1]
 
         def make(part, p, w):
-            return part.inner_table(centre[p], w, STRIDES[w], ((z[p] - centre[p] + w // 2) // STRIDES[w]).numpy())
+            return part.inner_table(centre[p], w, STRIDES[w], (z[p] - centre[p] + w // 2) // STRIDES[w])
 
         for p, width, probs in _tables(mix, inner, STRIDES.get, make):
             self._check_left()
-            z[p] += torch.from_numpy(self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64))
+            z[p] += self._coder.decode(_CATEGORICAL, probs.numpy()).astype(np.int64)
         return escaped
 
     def _pop(self, mix: Mixture) -> torch.Tensor:
-        z = torch.empty(len(mix), dtype=torch.long)
+        z = np.empty(len(mix), dtype=np.int64)
         centre, core, tails = _windows(mix)
         escaped = self._core(z, mix, centre, _plan(core))
         esc = _escaped(escaped, mix)
-        if tails is not None and esc.numel():
+        if tails is not None and len(esc):
             tail = tails(esc)
             staged = esc[tail[esc] > core[esc]]
             escaped = self._stage(z, mix, centre, _plan(tail, staged), _tail_tables(centre, core))
-            esc = torch.cat(escaped + [esc[tail[esc] == core[esc]]]).sort().values
-        if esc.numel():
+            esc = np.sort(np.concatenate(escaped + [esc[tail[esc] == core[esc]]]))
+        if len(esc):
             self._check_left()
-            w = torch.from_numpy(self._coder.decode(_U16, 2 * esc.numel()).astype(np.int64)).view(-1, 2)
+            w = self._coder.decode(_U16, 2 * len(esc)).astype(np.int64).reshape(-1, 2)
             z[esc] = centre[esc] + ((w[:, 0] << 16) | w[:, 1]) - _RAW_BIAS
-        return z
+        return torch.from_numpy(z)
 
     def _check_left(self) -> None:
         """Before each chunk of a version-4 stream: the sentinel has not been reached."""
