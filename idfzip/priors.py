@@ -310,12 +310,13 @@ class IntMixture:
         for k in range(1, K):
             np.maximum(top, lg[k], out=top)
         gap = np.minimum((top - lg + (1 << (PARAM_FRAC - 9))) >> (PARAM_FRAC - 8), tables.EXP_MAX)
-        e = tables.load()["EXP"][gap]
+        e = tables.load()["EXP"].take(gap)
         w = (e << WEIGHT_BITS) // _sum(e)
-        first = np.full(w.shape[1:], K)
-        for k in reversed(range(K)):
-            first[gap[k] == 0] = k
-        np.put_along_axis(w, first[None], np.take_along_axis(w, first[None], 0) + (1 << WEIGHT_BITS) - _sum(w), 0)
+        rest = (1 << WEIGHT_BITS) - _sum(w)
+        for k in range(K):  # the remainder to the first component with gap 0 (then rest is 0)
+            add = rest * (gap[k] == 0)
+            w[k] += add
+            rest -= add
         return w
 
     def __len__(self) -> int:
