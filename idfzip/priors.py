@@ -353,8 +353,8 @@ class IntMixture:
         """The narrowest width class around ``centre`` leaving at most 2**-bits of each component outside."""
         K = self.weights.shape[0]
         dist = np.abs(self.means - (centre << PARAM_FRAC))
-        lg = _log2_weights(K)[self.weights]  # log2_q16(max(8 K W_k, 1)) < 2**21
-        scale = tables.load()["SCALE"][self.scale_idx]
+        lg = _log2_weights(K).take(self.weights)  # log2_q16(max(8 K W_k, 1)) < 2**21
+        scale = tables.load()["SCALE"].take(self.scale_idx)
         nats = (np.maximum(lg - ((17 - bits) << 16), 0) * LN2_Q16) >> 16  # 2**-16 units
         half = np.where(self.weights > 0, dist + ((scale * nats) >> 12), -1)
         for k in range(1, K):
@@ -366,7 +366,7 @@ class IntMixture:
         offset so that the saturated range is [0, 48]) and dx = 1 / s, both in units of 2**-24. (lo - 1/2 - M)
         is clamped to +-2**17 (|x| >= 16 there) and INV < 2**28 in units of 2**-22, so the product is
         < 2**62."""
-        inv = tables.load()["INV"][self.scale_idx]
+        inv = tables.load()["INV"].take(self.scale_idx)
         e0 = (lo << PARAM_FRAC) - (1 << (PARAM_FRAC - 1))
         d = np.clip(e0 - self.means, -(1 << 33), 1 << 33)
         return ((d * inv) >> (PARAM_FRAC + 22 - X_FRAC)) + X_MAX, inv << (X_FRAC - 22)
