@@ -10,7 +10,7 @@ decoding), each padded by edge replication to a multiple of 2**levels; their ord
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -436,8 +436,8 @@ def compress_with_stats(
         # a calibrated model runs its networks in integer arithmetic and splits wide windows (version 8); others
         # write version 4
         c.version = FLOW_VERSION if mdl.flow.integer else 4
-        if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only
-            plan = FitPlan(plan.symbols, gain=plan.gain, coarse=plan.coarse)
+        if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only (the same search)
+            plan = replace(plan, offsets=0, steps=0, delta=0, delta_steps=0)
         c.tiles, c.adapted, c.version, stats.nll_bits = _encode_rgb(
             mdl, rgb, c.tile_side, device, c.version, plan, progress
         )

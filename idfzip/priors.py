@@ -217,7 +217,8 @@ def _in_blocks(edges):
     """Run an IntMixture method on blocks of its symbols, about BLOCK CDF values at a time (``edges(*args)`` a
     symbol), and join the blocks' results (arrays, tensors or tuples of them) along the first axis. Array
     arguments are per symbol and split with the symbols; scalars are passed to every block. Each symbol's
-    result depends on its own numbers only, so the blocks change the speed only."""
+    result depends on its own numbers only, so the blocks change the speed only. (``table`` walks its blocks
+    itself, writing each into its one output array.)"""
 
     def wrap(method):
         @wraps(method)

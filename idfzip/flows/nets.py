@@ -598,7 +598,9 @@ class ConvNet(nn.Module):
                 return self._exact_strips(x, fn, feats, pos)
         return self._exact_strips(x, fn, feats, pos)
 
-    def _exact_strips(self, x: torch.Tensor, fn, feats: torch.Tensor | None = None, pos=None) -> torch.Tensor:
+    def _exact_strips(
+        self, x: torch.Tensor, fn, feats: torch.Tensor | None = None, pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``fn`` on strips of rows, each with the rows either side its outputs depend on (and ``feats``, if
         given, filled through the integer mode's on the same strips); with ``pos`` (integer mode), each strip
         gives the outputs at the positions in its rows."""
