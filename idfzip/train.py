@@ -79,10 +79,14 @@ def load_config(path: str | Path) -> tuple[IDFConfig, TrainConfig]:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_images(sources: list[str | Path], limit: int = 0) -> list[np.ndarray]:
-    """RGB uint8 arrays (H, W, 3) from folders (recursively), single images, or zips of images, sorted."""
+def load_images(sources: list[str | Path], limit: int = 0, channels: int = 3) -> list[np.ndarray]:
+    """uint8 arrays (H, W, channels) from folders (recursively), single images, or zips of images, sorted:
+    every image as RGB, or as L (Pillow's ITU-R 601 luma) for a 1-channel model."""
+    if channels not in (1, 3):
+        raise ValueError(f"models of {channels} channels are not trained here (1 or 3)")
+    mode = "L" if channels == 1 else "RGB"
     found = find_images(sources)
-    return [np.asarray(src.open().convert("RGB")).copy() for src in found[: limit or None]]
+    return [np.atleast_3d(np.asarray(src.open().convert(mode))).copy() for src in found[: limit or None]]
 
 
 def split_holdout(images: list, n: int, how: str = "last") -> tuple[list, list]:
@@ -96,7 +100,7 @@ def split_holdout(images: list, n: int, how: str = "last") -> tuple[list, list]:
 
 
 def _crops(images: list[np.ndarray], n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
-    batch = np.empty((n, size, size, 3), dtype=np.uint8)
+    batch = np.empty((n, size, size, images[0].shape[2]), dtype=np.uint8)
     for i in range(n):
         im = images[rng.integers(len(images))]
         h, w = im.shape[:2]
@@ -157,13 +161,22 @@ def _conv_depth(state: dict, net: str) -> int:
 
 def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
     """Copy weights from a model file into ``model`` where names match: whole tensors of equal shape, or into
-    the leading block of a tensor that has grown (extra prior outputs, extra prior inputs, wider hidden layers).
-    Grown input columns are zeroed, so the new inputs start ignored. A prior network that has grown deeper gets
-    the source's layers first and last, and identity convolutions between (ReLU outputs are non-negative, so
-    an identity layer passes them unchanged). The copied model's function is kept. Returns tensors copied."""
-    from safetensors.torch import load_file
+        the leading block of a tensor that has grown (extra prior outputs, extra prior inputs, wider hidden layers).
+        Grown input columns are zeroed, so the new inputs start ignored. A prior network that has grown deeper gets
+        the source's layers first and last, and identity convolutions between (ReLU outputs are non-negative, so
+        an identity layer passes them unchanged). The copied model's function is kept. A 1-channel model starts from
+    a 3-channel one's luma instead (``grey_of``; not the same function). Returns tensors copied."""
+    from safetensors import safe_open
 
-    src = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        src = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors file, not a dict)
+        meta = f.metadata() or {}
+    given = json.loads(meta.get("config", "{}"))
+    cs, C = given.get("channels", 3), model.config.channels
+    if cs != C:
+        if not (C == 1 and cs == 3 and given.get("color") == "rct"):
+            raise ValueError(f"{path}: a {cs}-channel model cannot start a {C}-channel one")
+        src = grey_of(src, IDFConfig.from_dict(given))
     own = model.state_dict()
     remap = {}  # own key -> source key, for the prior networks that have grown deeper
     identity = set()
@@ -197,6 +210,42 @@ def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
             v[tuple(slice(0, d) for d in w.shape)] = w
             n += 1
     return n
+
+
+GREY_CHANNEL = 1  # the luma (Y) of a colour model's reversible colour transform, whose outputs are (V, Y, U)
+
+
+def grey_of(state: dict, config: IDFConfig) -> dict:
+    """The weights of a 3-channel model with the colour transform restricted to its luma channel: the
+    tensors of a 1-channel model of the same shape otherwise (no colour coupling, no channel
+    autoregression), whose couplings are the luma's own filters and whose priors read and predict the luma
+    only. A starting point for greyscale training, not an equal model: the luma lost its chroma context."""
+    C, K, ch = config.channels, config.mixtures, GREY_CHANNEL
+    out = {}
+    for key, v in state.items():
+        parts = key.split(".")
+        if parts[0] == "top":
+            out[key] = v.view(C, 3 * K)[ch].clone()
+            continue
+        if parts[0] not in ("couplings", "priors") or parts[-1] == "act_exp":
+            continue  # the colour coupling and the permutations have no 1-channel counterpart
+        if parts[0] == "couplings":  # channel groups in and out
+            ins = [g * C + ch for g in range(3)]
+            outs = [ch]
+        else:
+            j = int(parts[2])
+            ins = [g * C + ch for g in range(1 + j)]
+            if config.context == "checkerboard":  # the slot's anchors, then the anchor mask
+                ins += [(1 + j) * C + ch, (2 + j) * C]
+            outs = list(range(ch * 3 * K, (ch + 1) * 3 * K))
+        net, _, layer = key.rpartition(".")[0].partition(".linear" if ".linear" in key else ".convs.")
+        first = layer in ("", "0")  # the linear branch ("") or the first convolution read the channels
+        if parts[-1] == "weight" and first:
+            v = v[:, ins]
+        if layer == "" or layer == str(_conv_depth(state, net) - 1):  # ... and it or the last one write them
+            v = v[outs]
+        out[key] = v.clone()
+    return out
 
 
 def _distributed(device: str) -> tuple[int, int, str]:
@@ -257,7 +306,7 @@ def train(
         log, progress = (lambda line: None), None
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    images = load_images(data)
+    images = load_images(data, channels=model_config.channels)
     if len(images) <= tc.val_images:
         raise ValueError(
             f"need more than {tc.val_images} images ({tc.val_images} are held out for validation: val_images in the "

@@ -39,7 +39,7 @@ def main() -> None:
     model = zoo.model_from_bytes(data, path.stem, str(path))
     meta = {k: v for k, v in model.metadata.items() if k not in _OWN}
     meta.setdefault("calibrated_from", hashlib.sha256(data).hexdigest())
-    images = load_images(args.data)
+    images = load_images(args.data, channels=model.flow.config.channels)
     t = time.time()
     calibrate(model.flow, images, args.crop, args.batch, args.seed)
     digest = zoo.save_model(model.flow, path, model.name, meta)

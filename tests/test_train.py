@@ -14,7 +14,7 @@ from PIL import Image
 from idfzip.cli import cli
 from idfzip.errors import IdfzipError
 from idfzip.flows import HierarchicalIDF, IDFConfig
-from idfzip.train import TrainConfig, load_config, load_images, split_holdout, warm_start
+from idfzip.train import GREY_CHANNEL, TrainConfig, load_config, load_images, split_holdout, warm_start
 from idfzip.zoo import load, save_model
 
 TINY = {"levels": 2, "prior_hidden": 8, "mixtures": 2, "channel_ar": True}
@@ -113,6 +113,51 @@ def test_train_command_resume_and_use(tmp_path):
     r = runner.invoke(cli, args, catch_exceptions=False)
     assert r.exit_code == 0 and "resumed at step 4" in r.output, r.output
     assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] == 6
+
+
+def test_warm_start_of_a_grey_model_takes_the_luma(tmp_path):
+    """A 1-channel model started from a 3-channel one with the colour transform gets the weights of its luma
+    (channel GREY_CHANNEL of (V, Y, U)): the top's mixture, the coupling filters from and to it, and the prior
+    networks' inputs (the kept and earlier slots' luma, the slot's luma anchors, the anchor mask) and outputs."""
+    cfg, K, Y = {**TINY, "context": "checkerboard"}, TINY["mixtures"], GREY_CHANNEL
+    torch.manual_seed(0)
+    old = HierarchicalIDF(IDFConfig(**cfg))
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_()
+    save_model(old, tmp_path / "old.safetensors", "old")
+    new = HierarchicalIDF(IDFConfig(**{**cfg, "channels": 1, "color": "none", "channel_ar": False}))
+    weights = [k for k in new.state_dict() if not k.startswith("perms.") and not k.endswith(".act_exp")]
+    assert warm_start(new, tmp_path / "old.safetensors") == len(weights)  # the permutations are its own
+    assert torch.equal(new.top, old.top.view(3, 3 * K)[Y])
+    for a, b in zip(new.couplings[1][0].nets, old.couplings[1][0].nets):
+        assert torch.equal(a.linear.weight, b.linear.weight[Y : Y + 1, Y::3]) and a.linear.bias == b.linear.bias[Y]
+    outs = slice(Y * 3 * K, (Y + 1) * 3 * K)
+    for j, (a, b) in enumerate(zip(new.priors[1], old.priors[1])):
+        ins = [g * 3 + Y for g in range(1 + j)] + [(1 + j) * 3 + Y, (2 + j) * 3]
+        assert torch.equal(a.linear.weight, b.linear.weight[outs][:, ins])
+        assert torch.equal(a.convs[0].weight, b.convs[0].weight[:, ins])
+        assert torch.equal(a.convs[1].weight, b.convs[1].weight)
+        assert torch.equal(a.convs[-1].weight, b.convs[-1].weight[outs])
+        assert torch.equal(a.convs[-1].bias, b.convs[-1].bias[outs])
+    with pytest.raises(ValueError, match="cannot start"):
+        warm_start(HierarchicalIDF(IDFConfig(**{**cfg, "channels": 2, "color": "none"})), tmp_path / "old.safetensors")
+
+
+def test_train_a_grey_model(tmp_path):
+    """A 1-channel config trains on the images as L, and its model codes L images at once."""
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).save(tmp_path / f"{i}.png")
+    ims = load_images([tmp_path], channels=1)
+    assert ims[0].shape == (36, 40, 1) and np.array_equal(ims[0][:, :, 0], Image.open(tmp_path / "0.png").convert("L"))
+    grey = {**TINY, "channels": 1, "color": "none", "channel_ar": False}
+    cfg = write_config(tmp_path / "c.json", grey)
+    out = tmp_path / "g.safetensors"
+    r = CliRunner().invoke(cli, ["train", str(tmp_path), "--config", str(cfg), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    model = load(str(out))
+    assert model.flow.config.channels == 1 and model.flow.integer
+    roundtrip(Image.fromarray(photo(70, 66)).convert("L"), model)
 
 
 def test_train_command_errors(tmp_path):
