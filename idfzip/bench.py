@@ -1,9 +1,10 @@
 """Benchmark: idfzip against classical lossless codecs on the same pixels, every codec verified exact.
 
 Figures: bits = whole file bytes x 8; bpd = bits / (width x height x channels); totals are sums over images
-(total bpd = total bits / total sub-pixels). The NLL is the model's ideal code length of the RGB pixels (also
-where the classical coding came out smaller and was kept), without header. Times are in-process wall seconds
-per image (the model is loaded once, before timing). Speeds are in MB/s of raw 8-bit sub-pixels. With
+(total bpd = total bits / total sub-pixels). The NLL is the models' ideal code length of the colour parts (also
+where the classical coding came out smaller and was kept), without header: of RGB by the given model, of L
+(grey images) by the grey model unless the given model codes one channel (the summary names both). Times are
+in-process wall seconds per image (the model is loaded once, before timing). Speeds are in MB/s of raw 8-bit sub-pixels. With
 ``process`` > 0 the first images are also coded by whole ``idfzip compress`` / ``decompress`` processes (start-up,
 model loading, PNG reading and writing included: what a user waits for), whose files must be the in-process
 bytes and whose output the image.
@@ -158,6 +159,7 @@ class Result:
     baselines: dict[str, Totals] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     skipped_images: dict[str, str] = field(default_factory=dict)
+    others: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the models that coded other kinds
 
     @property
     def process_images(self) -> list[dict]:
@@ -175,6 +177,7 @@ class Result:
         o = self.ours
         return {
             "model": {"name": self.model_name, "sha256": self.model_sha256},
+            "other_models": {name: {"sha256": sha} for name, sha in self.others.items()},
             "effort": self.effort,
             "images": self.images,
             "total": {
@@ -225,7 +228,8 @@ class Result:
             lines.append(f"{LABELS[name]:<20} {bpd:7.3f} {r} {enc:9.3f} {dec:9.3f}  {'yes' if exact else 'NO'}")
         lines.append(
             f"{len(self.images)} images, {self.subpixels:,} sub-pixels; model {self.model_name} "
-            f"({self.model_sha256[:16]}), effort {self.effort}, NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
+            f"({self.model_sha256[:16]}){''.join(f', {n} ({h[:16]})' for n, h in self.others.items())}, "
+            f"effort {self.effort}, NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
         )
         if self.process_subpixels:
             mb, p = self.process_subpixels / 1e6, self.process
@@ -284,9 +288,11 @@ def run(
             exact = same_image(back, im)
         except IdfzipError:
             dec_s, exact = 0.0, False
+        if stats.model_sha256 and stats.model_sha256 != model.sha256:  # grey images: the grey model
+            res.others[stats.method.removeprefix("flow:")] = stats.model_sha256.hex()
         n = stats.subpixels
         res.subpixels += n
-        nll = stats.nll_bits or 8.0 * len(data)  # an image without RGB part has no model: its file is its code
+        nll = stats.nll_bits or 8.0 * len(data)  # an image without colour part has no model: its file is its code
         res.nll_bits += nll
         o = res.ours
         o.bytes += len(data)

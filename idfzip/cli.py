@@ -349,7 +349,8 @@ _SHARED = {
         metavar="NAME_OR_PATH",
         expose_value=False,
         callback=_set_obj,
-        help=f"Model name or .safetensors path (default: {registry.DEFAULT_MODEL}; decompress: the file's).",
+        help="Model name or .safetensors path, for the images of its kind (RGB, RGBA: default "
+        f"{registry.DEFAULT_MODEL}; L, LA: default {registry.GREY_MODEL}); decompress: the file's.",
     ),
     "device": click.option(
         "--device",
@@ -807,7 +808,7 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, qui
 @click.option("-q", "--quiet", is_flag=True, help="Names only, one per line.")
 @click.option("-v", "--verbose", is_flag=True, help="Also each model's architecture and training step.")
 def models_cmd(quiet, verbose):
-    """List the shipped models (* the default) and what each is for."""
+    """List the shipped models (* the defaults) and what each is for."""
     if quiet:
         click.echo("\n".join(registry.available()))
         return
@@ -815,7 +816,7 @@ def models_cmd(quiet, verbose):
     for name in registry.available():
         path = registry.shipped(name)
         d = registry.describe(path)
-        mark = "*" if name == registry.DEFAULT_MODEL else ""
+        mark = "*" if name in (registry.DEFAULT_MODEL, registry.GREY_MODEL) else ""
         use = registry.PURPOSES.get(name, "")
         rows.append((name + mark, d["sha256"][:16], f"{d['parameters']:,}", use, str(path)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -827,7 +828,10 @@ def models_cmd(quiet, verbose):
                 f"    config {meta.get('config', '?')}; step {meta.get('step', '?')}, validation "
                 f"{meta.get('val_bpd', '?')} bpd"
             )
-    click.echo("* the default; another with --model NAME (or a .safetensors file: --model PATH)")
+    click.echo(
+        f"* the defaults ({registry.GREY_MODEL} for L and LA images); another with --model NAME (or a .safetensors"
+        " file: --model PATH)"
+    )
 
 
 def _interrupted() -> None:

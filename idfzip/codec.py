@@ -30,12 +30,24 @@ from .container import (
     split_windows,
 )
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
-from .planes import apply_meta, as_image, decode_rest, encode_meta, encode_rest, merge, rest_mode, signature, split
+from .planes import (
+    FLOW_MODES,
+    apply_meta,
+    as_image,
+    colour_image,
+    decode_rest,
+    encode_meta,
+    encode_rest,
+    merge,
+    rest_mode,
+    signature,
+    split,
+)
 from .priors import FloatMixture, IntMixture
-from .zoo import Model, is_shipped, load, load_by_hash, load_shipped, with_device
+from .zoo import Model, default_model, is_shipped, load, load_by_hash, load_shipped, with_device
 
 DEFAULT_TILE = 1024
-SMALL_IMAGE = 64 * 64  # RGB images up to this many pixels also try the classical coding and keep the smaller
+SMALL_IMAGE = 64 * 64  # colour parts (RGB, L) up to this many pixels also try the classical coding and keep the smaller
 THIN = 16  # so do images narrower or shorter than this: padding to the model's multiple wastes most of the work
 
 
@@ -85,13 +97,14 @@ def fit_plan(effort: int) -> FitPlan:
 @dataclass
 class Stats:
     """What an encode measured: total bytes, and the flow part's ideal code length (model NLL) in bits (also
-    when the classical coding was smaller and kept; 0 when the image has no RGB part)."""
+    when the classical coding was smaller and kept; 0 when the image has no colour part: RGB or L)."""
 
     bytes: int = 0
     flow_bytes: int = 0
     nll_bits: float = 0.0
     subpixels: int = 0
     method: str = ""
+    model_sha256: bytes = b""  # of the model that coded the colour part, if one did
 
     @property
     def bpd(self) -> float:
@@ -181,9 +194,9 @@ class _Tile:
         self._feat: dict[int, torch.Tensor] = {}  # and their last hidden activations (hidden, n), if needed
         self._dq: dict[int, np.ndarray] = {}  # and the changes of the slot's output updates (C, 3K, n)
 
-    def encode(self, rgb: np.ndarray) -> None:
+    def encode(self, pixels: np.ndarray) -> None:
         """All latents of a tile's pixels (encoder)."""
-        x = torch.from_numpy(_pad(rgb, self.flow.multiple).astype(np.int64)).permute(2, 0, 1)[None].contiguous()
+        x = torch.from_numpy(_pad(pixels, self.flow.multiple).astype(np.int64)).permute(2, 0, 1)[None].contiguous()
         x = self.flow.color_encode(x.to(self.device), self.integer)
         for level in range(self.L):
             x, self.z[level] = self.flow.level_encode(level, x, self.integer)
@@ -282,19 +295,19 @@ class _Tile:
 
 @torch.no_grad()
 def _encode_tile(
-    model: Model, rgb: np.ndarray, device: str, version: int, plan: FitPlan, progress: Progress = None
+    model: Model, pixels: np.ndarray, device: str, version: int, plan: FitPlan, progress: Progress = None
 ) -> tuple[adapt.Params, adapt.Deltas, bytes, float]:
     """(adaptation parameters, output updates, entropy-coded stream, its ideal length in bits); ``plan``: how to
     fit the adaptation. ``progress`` gets the tile's pixels in shares, segment by segment."""
     flow = model.flow
     m = flow.multiple
-    H, W = -(-rgb.shape[0] // m) * m, -(-rgb.shape[1] // m) * m
+    H, W = -(-pixels.shape[0] // m) * m, -(-pixels.shape[1] // m) * m
     fitting = bool(plan.delta) and flow.config.prior_hidden > 0  # the updates need hidden layers (and version 7)
     tile = _Tile(flow, H, W, device, version, {}, {}, fitting)
-    tile.encode(rgb)
+    tile.encode(pixels)
     enc = Encoder(split=split_windows(version))
     fitted = set()
-    share = rgb.shape[0] * rgb.shape[1] / _symbols(flow, H, W)
+    share = pixels.shape[0] * pixels.shape[1] / _symbols(flow, H, W)
     for seg in reversed(schedule(flow)):
         if plan.symbols and seg.level < flow.config.levels and (seg.level, seg.slot) not in fitted:
             fitted.add((seg.level, seg.slot))
@@ -348,7 +361,7 @@ def _decode_tile(
             progress(len(mix) * share)
     if preview:
         x = tile.pixels().clamp(0, 255).cpu()[0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
-        return np.asarray(Image.fromarray(x, "RGB").reduce(1 << preview))
+        return np.atleast_3d(np.asarray(colour_image(x).reduce(1 << preview)))
     x = tile.pixels().cpu()
     dec.check_end()
     if int(x.min()) < 0 or int(x.max()) > 255:
@@ -356,9 +369,9 @@ def _decode_tile(
     return x[0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
 
 
-def _encode_rgb(
+def _encode_colour(
     model: Model,
-    rgb: np.ndarray,
+    colour: np.ndarray,
     tile: int,
     device: str,
     version: int,
@@ -368,10 +381,10 @@ def _encode_rgb(
     """(tile streams, whether they start with adaptation blocks, the format version they need, ideal code
     length in bits): ``version``, or the one with layout 6 where the blocks hold offsets, 7 where some also hold
     output updates (9 and 10 with split windows)."""
-    h, w = rgb.shape[:2]
+    h, w = colour.shape[:2]
     coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
-        params, deltas, s, b = _encode_tile(model, rgb[y : y + th, x : x + tw], device, version, plan, progress)
+        params, deltas, s, b = _encode_tile(model, colour[y : y + th, x : x + tw], device, version, plan, progress)
         coded.append((params, deltas, s))
         bits += b
     # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
@@ -386,6 +399,16 @@ def _encode_rgb(
         version,
         bits,
     )
+
+
+def _flow_model(model: str | Model | None, channels: int, device: str) -> Model:
+    """The model for a colour part of ``channels`` channels: ``model`` where it codes that many, else the
+    shipped default for that many (so a photo model given for a folder also leaves its grey images to the
+    grey model)."""
+    mdl = model if isinstance(model, Model) else with_device(load(model), device) if model else None
+    if mdl is None or mdl.flow.config.channels != channels:
+        mdl = with_device(load(default_model(channels)), device)
+    return mdl
 
 
 def compress_with_stats(
@@ -408,24 +431,26 @@ def compress_with_stats(
         )
     if not 1 <= tile <= MAX_TILE:
         raise IdfzipError(f"tile size must be 1..{MAX_TILE}")
-    mdl = model if isinstance(model, Model) else None
     meta = encode_meta(im)
     c = Container(im.mode, im.width, im.height, crc32=signature(im, meta), meta=meta or None)
-    rgb, rest = split(im)
+    colour, rest = split(im)
     stats = Stats(subpixels=subpixels(im))
     classical = None
     # one colour everywhere: the flow would still spend coding.MIN_SYMBOL_BITS per sub-pixel, the classical
     # coding (a constant) a few bytes, so only that is written
-    flat = rgb is not None and bool((rgb == rgb[:1, :1]).all())
-    if rgb is not None and (flat or im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN):
+    flat = colour is not None and bool((colour == colour[:1, :1]).all())
+    # so do grey images always: drawn and synthetic greys are common, and PNG or LZMA of a grey image costs a
+    # small part of the flow's time (files of grey images were never larger than their PNG before the flow)
+    small = im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN
+    if colour is not None and (flat or small or colour.shape[2] == 1):
         classical = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
         classical.rest_method, classical.rest = encode_rest(im)
     # a flow-coded file holds at least its header with a shipped model's hash and one 4-byte word of stream:
     # where the classical coding is no larger, the model is not even loaded
     floor = Container(im.mode, im.width, im.height, model_name="", model_hash=bytes(MODEL_HASH_BYTES), meta=c.meta)
     floor.tiles = [bytes(4)] * (floor.tiles_x * floor.tiles_y)
-    if rgb is not None and not flat and not (classical and len(classical.to_bytes()) <= len(floor.to_bytes())):
-        mdl = mdl or with_device(load(model), device)
+    if colour is not None and not flat and not (classical and len(classical.to_bytes()) <= len(floor.to_bytes())):
+        mdl = _flow_model(model, colour.shape[2], device)
         m = mdl.flow.multiple
         if tile < m or tile % m:
             raise IdfzipError(f"tile size must be a positive multiple of {m} for model {mdl.name}")
@@ -438,11 +463,11 @@ def compress_with_stats(
         c.version = FLOW_VERSION if mdl.flow.integer else 4
         if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only (the same search)
             plan = replace(plan, offsets=0, steps=0, delta=0, delta_steps=0)
-        c.tiles, c.adapted, c.version, stats.nll_bits = _encode_rgb(
-            mdl, rgb, c.tile_side, device, c.version, plan, progress
+        c.tiles, c.adapted, c.version, stats.nll_bits = _encode_colour(
+            mdl, colour, c.tile_side, device, c.version, plan, progress
         )
         stats.flow_bytes = sum(len(t) for t in c.tiles)
-        stats.method = f"flow:{mdl.name}"
+        stats.method, stats.model_sha256 = f"flow:{mdl.name}", mdl.sha256
     if rest is not None and not flat:
         c.rest_method, c.rest = encode_rest(rest)
         if not c.tiles:
@@ -450,8 +475,8 @@ def compress_with_stats(
     data = None if flat else c.to_bytes()
     if classical is not None:
         alt = classical.to_bytes()
-        if data is None or len(alt) < len(data):
-            data, stats.method, stats.flow_bytes = alt, "classical", 0  # nll_bits: still the model's NLL
+        if data is None or len(alt) < len(data):  # (nll_bits: still the model's NLL)
+            data, stats.method, stats.flow_bytes, stats.model_sha256 = alt, "classical", 0, b""
     stats.bytes = len(data)
     return data, stats
 
@@ -471,8 +496,8 @@ def decompress(
 
     ``preview`` K (1 .. the model's levels): instead, a quick look 2**K times smaller per side (ceil(width /
     2**K) x ceil(height / 2**K)): of a flow-coded image only the latents of levels K and coarser are decoded,
-    the finer ones take the priors' likeliest values, and the inverted flow's output is box-averaged (mode RGB,
-    or RGBA with the alpha plane box-averaged); other images are decoded whole, converted to RGB(A) or L and
+    the finer ones take the priors' likeliest values, and the inverted flow's output is box-averaged (mode RGB or
+    L, or RGBA or LA with the alpha plane box-averaged); other images are decoded whole, converted to RGB(A) or L and
     box-averaged. Not exact and not checked against the CRC: a picture of the image, not the image."""
     c = Container.from_bytes(data)
     if preview:
@@ -489,18 +514,20 @@ def decompress(
 
 
 def _decode(c: Container, model: str | Model | None, device: str, progress: Progress) -> Image.Image:
-    rgb = rest = None
+    colour = rest = None
     if c.tiles:
         mdl = _model_for(c, model, device)
-        rgb = np.empty((c.height, c.width, 3), dtype=np.uint8)
+        colour = np.empty((c.height, c.width, mdl.flow.config.channels), dtype=np.uint8)
         for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
-            rgb[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress)
+            colour[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress)
     if c.rest is not None:
         rmode = rest_mode(c.mode) if c.tiles or c.mode in ("P", "PA") else c.mode
         rest = decode_rest(c.rest_method, c.rest, rmode, (c.width, c.height))
-    if (bool(c.tiles) and c.mode == "RGBA") != (rest is not None and rgb is not None) or (rgb is None and rest is None):
+    if (bool(c.tiles) and c.mode in ("RGBA", "LA")) != (rest is not None and colour is not None) or (
+        colour is None and rest is None
+    ):
         raise CorruptFileError("the parts present do not match the image mode")
-    im = merge(c.mode, (c.width, c.height), rgb, rest)
+    im = merge(c.mode, (c.width, c.height), colour, rest)
     im = apply_meta(im, c.meta)
     if signature(im, c.meta or b"") != c.crc32:
         raise CorruptFileError(
@@ -518,12 +545,12 @@ def _preview(c: Container, model, device: str, progress: Progress, k: int) -> Im
     mdl = _model_for(c, model, device)
     if not 1 <= k <= mdl.flow.config.levels:
         raise IdfzipError(f"preview must be 1..{mdl.flow.config.levels} for model {mdl.name}")
-    rgb = np.empty((size[1], size[0], 3), dtype=np.uint8)
+    colour = np.empty((size[1], size[0], mdl.flow.config.channels), dtype=np.uint8)
     for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
         part = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress, preview=k)
-        rgb[y >> k : (y >> k) + part.shape[0], x >> k : (x >> k) + part.shape[1]] = part
-    im = Image.fromarray(rgb, "RGB")
-    if c.mode == "RGBA" and c.rest is not None:
+        colour[y >> k : (y >> k) + part.shape[0], x >> k : (x >> k) + part.shape[1]] = part
+    im = colour_image(colour)
+    if c.mode in ("RGBA", "LA") and c.rest is not None:
         alpha = decode_rest(c.rest_method, c.rest, rest_mode(c.mode), (c.width, c.height)).reduce(1 << k)
         im.putalpha(alpha)
     return im
@@ -532,11 +559,9 @@ def _preview(c: Container, model, device: str, progress: Progress, k: int) -> Im
 def _model_for(c: Container, model: str | Model | None, device: str) -> Model:
     """The model a flow-coded container needs: ``model`` if given (checked against the file), else the one
     the file names."""
-    if isinstance(model, Model):
-        mdl = model
-    elif model:
-        mdl = with_device(load(model), device)
-    else:
+    mdl = model if isinstance(model, Model) else with_device(load(model), device) if model else None
+    if mdl is None or mdl.flow.config.channels != FLOW_MODES.get(c.mode, mdl.flow.config.channels):
+        # (as when compressing, a given model that does not fit the image's kind leaves it to the file's)
         mdl = with_device(load_shipped(c.model_name) if c.model_name else load_by_hash(c.model_hash), device)
     if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
         written = repr(c.model_name) if c.model_name else "a shipped model"
@@ -546,6 +571,6 @@ def _model_for(c: Container, model: str | Model | None, device: str) -> Model:
         )
     if c.tile % mdl.flow.multiple:
         raise CorruptFileError(f"tile size {c.tile} does not suit model {mdl.name}")
-    if c.mode not in ("RGB", "RGBA"):
-        raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
+    if FLOW_MODES.get(c.mode) != mdl.flow.config.channels:  # a corrupted mode, or a shipped model of another kind
+        raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part of {mdl.flow.config.channels} channels")
     return mdl

@@ -1,7 +1,9 @@
-"""What the RGB flow does not code: splitting images of every Pillow mode, and coding the rest losslessly.
+"""What the flows do not code: splitting images of every Pillow mode, and coding the rest losslessly.
 
-An image is split into an optional 8-bit RGB part (modes RGB and RGBA, coded by the flow), a *rest* image
-(alpha, grey, palette indices, 16-bit or float data, any other mode) and *meta* (palette, transparency).
+An image is split into an optional 8-bit colour part (RGB of modes RGB and RGBA, coded by a 3-channel flow;
+L of modes L and LA, by a 1-channel flow), a *rest* image (alpha, palette indices, 1-bit, 16-bit or float
+data, any other mode) and *meta* (palette, transparency). An image whose colour part the encoder codes
+classically after all (too small, one colour) is stored whole as the rest.
 The rest is coded with whichever of these is smallest: a constant (a few bytes: an opaque alpha plane costs
 almost nothing), PNG through Pillow (only when it reproduces the pixels exactly), or raw LZMA. So the rest
 never costs more than Pillow's PNG of it.
@@ -150,27 +152,36 @@ def same_image(a: Image.Image, b: Image.Image) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- split
+FLOW_MODES = {"RGB": 3, "RGBA": 3, "L": 1, "LA": 1}  # the modes with a colour part, and its channels
+
+
 def rest_mode(mode: str) -> str:
-    """Mode of the rest image of an image of ``mode`` whose RGB part (if any) went through the flow."""
-    return {"RGBA": "L", "P": "L", "PA": "LA"}.get(mode, mode)
+    """Mode of the rest image of an image of ``mode`` whose colour part (if any) went through the flow."""
+    return {"RGBA": "L", "LA": "L", "P": "L", "PA": "LA"}.get(mode, mode)
 
 
 def split(im: Image.Image) -> tuple[np.ndarray | None, Image.Image | None]:
-    """(rgb (H, W, 3) uint8 or None, rest image or None)."""
-    if im.mode == "RGB":
-        return np.asarray(im), None
-    if im.mode == "RGBA":
-        a = np.asarray(im)
-        return np.ascontiguousarray(a[:, :, :3]), Image.fromarray(np.ascontiguousarray(a[:, :, 3]), "L")
+    """(colour part (H, W, FLOW_MODES[mode]) uint8 or None, rest image or None): RGB, or the L of L and LA,
+    with the alpha plane as the rest."""
+    if im.mode in FLOW_MODES:
+        a = np.atleast_3d(np.asarray(im))
+        C = FLOW_MODES[im.mode]
+        alpha = Image.fromarray(np.ascontiguousarray(a[:, :, C]), "L") if a.shape[2] > C else None
+        return np.ascontiguousarray(a[:, :, :C]), alpha
     if im.mode in ("P", "PA"):
         return None, Image.frombytes(rest_mode(im.mode), im.size, im.tobytes())
     return None, im
 
 
-def merge(mode: str, size: tuple[int, int], rgb: np.ndarray | None, rest: Image.Image | None) -> Image.Image:
-    if rgb is not None:
-        im = Image.fromarray(rgb, "RGB")
-        if mode == "RGBA":
+def colour_image(a: np.ndarray) -> Image.Image:
+    """The RGB or L image of a colour part (H, W, 3 or 1)."""
+    return Image.fromarray(a[:, :, 0], "L") if a.shape[2] == 1 else Image.fromarray(a, "RGB")
+
+
+def merge(mode: str, size: tuple[int, int], colour: np.ndarray | None, rest: Image.Image | None) -> Image.Image:
+    if colour is not None:
+        im = colour_image(colour)
+        if mode in ("RGBA", "LA"):
             im.putalpha(rest)
         return im
     if mode in ("P", "PA"):  # the rest holds the same bytes as L (LA)

@@ -15,8 +15,13 @@ from pathlib import Path
 
 from .errors import ModelNotFoundError
 
-DEFAULT_MODEL = "natural"
-PURPOSES = {"natural": "photos and other natural images", "cifar10": "tiny 32x32 images (CIFAR-10)"}
+DEFAULT_MODEL = "natural"  # for RGB (and the RGB of RGBA)
+GREY_MODEL = "grey"  # for L (and the L of LA)
+PURPOSES = {
+    "natural": "photos and other natural images",
+    "grey": "greyscale photos (L and LA images)",
+    "cifar10": "tiny 32x32 images (CIFAR-10)",
+}
 FORMAT = "idfzip-model"
 FORMAT_VERSION = "1"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # parameters; integer tensors are buffers (permutations)
@@ -80,6 +85,11 @@ def shipped_hashes() -> dict[bytes, str]:
 def shipped_name(prefix: bytes) -> str | None:
     """The name of the shipped model whose sha256 starts with ``prefix``, if there is one."""
     return next((n for h, n in shipped_hashes().items() if h.startswith(prefix)), None)
+
+
+def default_model(channels: int) -> str:
+    """The shipped model for colour parts of ``channels`` channels (3: RGB, 1: L)."""
+    return GREY_MODEL if channels == 1 else DEFAULT_MODEL
 
 
 def resolve(name_or_path: str | None) -> Path:

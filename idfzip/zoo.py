@@ -28,6 +28,7 @@ from .registry import (  # noqa: F401 (the registry's names, as zoo has always o
     FORMAT,
     FORMAT_VERSION,
     available,
+    default_model,
     models_dir,
     resolve,
     shipped,

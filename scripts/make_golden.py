@@ -1,6 +1,7 @@
-"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7,rgb_e8}.idfz from the
-PNGs beside them, with the shipped `natural` model (tests/test_golden.py decodes them and requires re-encoding to
-give the same bytes). Run only when the container version or the encoder's choices change (as the adaptation
+"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7,rgb_e8,la}.idfz from
+the PNGs beside them, with the shipped `natural` model and, for la.png (an LA image: rgb.png as L with a gradient
+alpha plane), the shipped `grey` model (tests/test_golden.py decodes them and requires re-encoding to give the same
+bytes). Run only when the container version, the encoder's choices or a shipped model change (as the adaptation
 search's did in ce6cf96, in the commit that set adapt.MIN_GAIN and in the one that set
 adapt.COARSE_STEPS = 5), never to make a failing test pass.
 
@@ -22,7 +23,7 @@ from idfzip.codec import schedule
 from idfzip.zoo import load_shipped
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
-FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}, "rgb_e8": {"effort": 8}}
+FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}, "rgb_e8": {"effort": 8}, "la": {}}
 # name -> compress options. rgb_e7.idfz (version 9: adaptation with offsets) and rgb_e8.idfz (version 10: output
 # updates, written under ``updates_kept``) are written from rgb.png
 

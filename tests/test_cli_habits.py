@@ -210,8 +210,8 @@ def test_training_says_why_it_needs_more_images_and_takes_an_override(tmp_path):
 
 def test_preview_is_close_to_the_box_downsampled_image(tmp_path):
     """--preview K for K = 1 .. levels (shipped model, a 128x96 photo crop): the picture is the image 2**K
-    times smaller per side, within a few grey levels of its box average; RGBA keeps its alpha plane averaged,
-    and an image coded classically is previewed from its whole decode."""
+    times smaller per side, within a few grey levels of its box average, for RGB and (grey model) L; RGBA and
+    LA keep their alpha plane averaged, and an image coded classically is previewed from its whole decode."""
     rgb = Image.open(Path(__file__).resolve().parent.parent / "examples" / "sample.png").convert("RGB")
     im = rgb.crop((0, 0, 128, 94))
     data = idfzip.compress(im)
@@ -228,8 +228,14 @@ def test_preview_is_close_to_the_box_downsampled_image(tmp_path):
     rgba.putalpha(Image.linear_gradient("L").resize(im.size))
     p = idfzip.decompress(idfzip.compress(rgba), preview=2)
     assert p.mode == "RGBA" and p.getchannel("A").tobytes() == rgba.getchannel("A").reduce(4).tobytes()
-    grey = im.convert("L")
-    assert idfzip.decompress(idfzip.compress(grey), preview=1).tobytes() == grey.reduce(2).tobytes()
+    grey = im.convert("L")  # through the grey model: L, and LA with its alpha plane averaged
+    p = idfzip.decompress(idfzip.compress(grey), preview=1)
+    assert p.mode == "L" and np.abs(np.asarray(p, dtype=int) - np.asarray(grey.reduce(2), dtype=int)).mean() < 8
+    grey.putalpha(Image.linear_gradient("L").resize(im.size))
+    p = idfzip.decompress(idfzip.compress(grey), preview=2)
+    assert p.mode == "LA" and p.getchannel("A").tobytes() == grey.getchannel("A").reduce(4).tobytes()
+    pal = im.convert("P")  # coded classically
+    assert idfzip.decompress(idfzip.compress(pal), preview=1).tobytes() == pal.convert("RGB").reduce(2).tobytes()
     (tmp_path / "s.idfz").write_bytes(data)
     r = CliRunner().invoke(cli, ["decompress", "--preview", "3", str(tmp_path / "s.idfz")])
     assert r.exit_code == 0 and Image.open(tmp_path / "s.preview-3.png").size == (16, 12)

@@ -108,6 +108,37 @@ def test_rest_never_costs_more_than_png(tiny):
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample.png"
 
 
+def test_grey_images_go_through_a_one_channel_model(tiny, tmp_path):
+    """L and the L of LA are coded by a 1-channel model: one given, else the shipped grey model (also where a
+    3-channel model was given, which RGB images keep), and decode exactly; a decoder given a model of the
+    other kind uses the file's."""
+    path = tmp_path / "mygrey.safetensors"  # the shipped weights under another name: a user's model
+    path.write_bytes(Path(codec.load("grey").path).read_bytes())
+    mine = codec.load(str(path))
+    grey = Image.open(SAMPLE).convert("L").crop((0, 0, 192, 128))  # a photo: the flow beats PNG and LZMA
+    la = grey.copy()
+    la.putalpha(Image.linear_gradient("L").resize(grey.size))
+    for im in (grey, la):
+        data, stats = codec.compress_with_stats(im, mine)
+        assert stats.method == "flow:mygrey" and stats.flow_bytes and stats.model_sha256 == mine.sha256
+        assert idfzip.decompress(data, mine).tobytes() == im.tobytes()
+        assert idfzip.decompress(data, mine).mode == im.mode
+        with pytest.raises(ModelNotFoundError, match="mygrey"):
+            idfzip.decompress(data, tiny)  # a model of the other kind: the file's, which is not shipped
+    data, stats = codec.compress_with_stats(la, tiny)
+    shipped = codec.load("grey")
+    assert stats.method == "flow:grey" and stats.model_sha256 == shipped.sha256
+    roundtrip(la, tiny)
+    rgb = Image.fromarray(photo(96, 80, seed=5))
+    assert codec.compress_with_stats(rgb, tiny)[1].method == "flow:tiny"
+    assert codec.compress_with_stats(rgb, mine)[1].method == "flow:natural"
+    # a file whose mode claims a grey image where a 3-channel model coded the colour part
+    c = Container.from_bytes(idfzip.compress(rgb))
+    c.mode = "L"
+    with pytest.raises(CorruptFileError, match="mode L cannot have a flow-coded part of 3 channels"):
+        idfzip.decompress(c.to_bytes())
+
+
 @pytest.mark.parametrize("w,h,tile", [(90, 66, 64), (5, 3, 1024), (131, 40, 1024)])
 def test_checkerboard_context_round_trip(tiny_cb, w, h, tile):
     roundtrip(Image.fromarray(photo(w, h, seed=w)), tiny_cb, tile=tile)

@@ -1,7 +1,7 @@
 """Files that must decode on every machine: committed golden files, the instruction-set matrix, and files
 that ask for work they cannot pay for.
 
-Golden files (tests/golden, written by scripts/make_golden.py with the shipped `natural` model) change only
+Golden files (tests/golden, written by scripts/make_golden.py with the shipped models) change only
 with a new container version: a failure here means files people already have would no longer decode, or
 that this build writes different bytes than the one that made them.
 """
@@ -58,6 +58,7 @@ def test_golden_files_cover_adaptation_tiles_and_alpha():
     assert info["rgb_e8"]["updated_slots"] >= 1 and info["rgb_e8"]["adaptation_bytes"] > 0
     assert info["tiled"]["tiles"] == 6
     assert info["rgba"]["rest"] is not None and info["rgba"]["mode"] == "RGBA"
+    assert info["la"]["rest"] is not None and info["la"]["mode"] == "LA" and info["la"]["model"] == "grey"
 
 
 @pytest.mark.parametrize("name", ["rgb_v5", "rgba_v5", "tiled_v5", "rgb_e7_v6", "rgb_e8_v7"])
@@ -155,6 +156,7 @@ def test_instruction_set_matrix(tmp_path):
             pytest.skip(f"this CPU cannot run torch's {cap} kernels (got {active})")
     for src in sources:
         assert len({files[cap, src.stem].read_bytes() for cap in CAPABILITIES}) == 1, src.stem
+        assert Container.from_bytes(files["default", src.stem].read_bytes()).tiles  # the grey one by the grey model
     for name in ("rgb_e7", "rgb_e8", "rgb_e7_v6", "rgb_e8_v7"):
         files[name, "rgb"] = GOLDEN / f"{name}.idfz"
     for cap in CAPABILITIES:
@@ -182,9 +184,9 @@ import idfzip
 from idfzip.container import MODEL_HASH_BYTES, Container
 from idfzip.errors import CorruptFileError
 from idfzip.zoo import load_shipped
-model = load_shipped("natural")
-side, stream = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
-c = Container("RGB", side, side, crc32=0, model_name="", model_hash=model.sha256[:MODEL_HASH_BYTES], tile=0,
+model = load_shipped(sys.argv[3])
+side, stream, mode = int(sys.argv[1]), bytes.fromhex(sys.argv[2]), {"natural": "RGB", "grey": "L"}[sys.argv[3]]
+c = Container(mode, side, side, crc32=0, model_name="", model_hash=model.sha256[:MODEL_HASH_BYTES], tile=0,
               tiles=[stream])
 data = c.to_bytes()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -198,11 +200,14 @@ except CorruptFileError as e:
 """
 
 
-@pytest.mark.parametrize("side,stream", [(2048, b""), (16384, b""), (2048, bytes(range(64)) * 4)])
-def test_a_stream_too_short_for_its_tile_fails_at_once(side, stream):
-    """A tiny container declaring a huge tile (the shipped model's hash, an empty or short stream) fails within
+@pytest.mark.parametrize(
+    "side,stream,model",
+    [(2048, b"", "natural"), (16384, b"", "natural"), (2048, bytes(range(64)) * 4, "natural"), (16384, b"", "grey")],
+)
+def test_a_stream_too_short_for_its_tile_fails_at_once(side, stream, model):
+    """A tiny container declaring a huge tile (a shipped model's hash, an empty or short stream) fails within
     2 s and 300 MB instead of decoding millions of symbols out of nothing."""
-    cmd = [sys.executable, "-c", BOMB, str(side), stream.hex()]
+    cmd = [sys.executable, "-c", BOMB, str(side), stream.hex(), model]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     word, size, seconds, megabytes, *_ = r.stdout.split(maxsplit=4)
