@@ -70,7 +70,9 @@ DELTA_LIMIT = 127
 DELTA_STEPS = 200  # Adam steps of the output updates' float fit (by default), the rate decaying to 0 (cosine)
 DELTA_LR = 0.15  # in units of D
 DELTA_RATE = 2.0  # the fit's charge for D's bytes, in bits per unit of |D| (about their Rice-coded cost)
-DELTA_MIN_SYMBOLS = 1 << 17  # smaller slots are not updated: their some 1,300 values would not pay
+# smaller slots of a 3-channel model are not updated: their some 1,300 values would not pay; a 1-channel model's
+# updates hold a third of the values, so its slots need a third of the symbols (the same positions)
+DELTA_MIN_SYMBOLS = 1 << 17
 
 Params = dict[tuple[int, int], torch.Tensor]  # (level, slot) -> (C, 4) int64, or (C, 4 + 6K) in version 6
 Deltas = dict[tuple[int, int], np.ndarray]  # (level, slot) -> (C, 3K, hidden) int64 output updates (version 7)

@@ -75,7 +75,7 @@ class FitPlan:
 def fit_plan(effort: int) -> FitPlan:
     """Effort 1: no adaptation (fastest encode); 2-3: the search on half the usual sample; 4-6 (default 5): the
     usual; 7: also offsets and gains, fitted on 2**12 symbols per stream in 60 steps; 8-9: offsets and gains on
-    2**14, and output updates of the slots of at least adapt.DELTA_MIN_SYMBOLS symbols (format version 7),
+    2**14, and output updates of the slots of at least adapt.DELTA_MIN_SYMBOLS * C / 3 symbols (format version 7),
     fitted on 2**15 positions in 200 and 400 steps. The search stops where a step saves less than 1/4 bit on
     its sample (adapt.MIN_GAIN), at efforts 7-9 about 1e-3 bits (adapt.FINE_GAIN); it runs on half its sample
     throughout, at efforts 7-9 its last two steps on all of it (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Decoding
@@ -280,7 +280,7 @@ class _Tile:
         segments = [(self.symbols(Segment(level, j, g)), self.channel_raws(level, j, g)) for g in passes]
         fit = (plan.symbols, plan.offsets, plan.steps)
         p, saved = adapt.fit_slot(segments, self.C, self.K, *fit, gain=plan.gain, coarse=plan.coarse)
-        if self.fitting and sum(z.numel() for z, _ in segments) >= adapt.DELTA_MIN_SYMBOLS:
+        if self.fitting and 3 * sum(z.numel() for z, _ in segments) >= adapt.DELTA_MIN_SYMBOLS * self.C:
             f = torch.cat([self._feat[g] for g in passes], 1)
             D = adapt.fit_delta(segments, f, self.C, self.K, plan.delta, plan.delta_steps)
             if D.any():

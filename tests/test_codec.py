@@ -139,6 +139,24 @@ def test_grey_images_go_through_a_one_channel_model(tiny, tmp_path):
         idfzip.decompress(c.to_bytes())
 
 
+def test_output_updates_weigh_a_slot_by_its_positions(monkeypatch):
+    """Effort 8 fits output updates in slots of at least adapt.DELTA_MIN_SYMBOLS * C / 3 symbols: as many
+    positions for a grey image as for an RGB one, since a 1-channel slot's updates hold a third of the values."""
+    im = Image.open(SAMPLE)  # 384 x 256: level 0's slots have 192 x 128 positions, level 1's a quarter
+    calls = []
+
+    def fit_delta(segments, feats, C, K, *plan):
+        calls.append(C)
+        return np.zeros((C, 3 * K, feats.shape[0]), dtype=np.int64)  # no updates
+
+    monkeypatch.setattr(adapt, "fit_delta", fit_delta)
+    monkeypatch.setattr(adapt, "DELTA_MIN_SYMBOLS", 192 * 128 * 3)
+    for mode, C in (("RGB", 3), ("L", 1)):
+        calls.clear()
+        idfzip.compress(im.convert(mode), effort=8)
+        assert calls == [C] * 3, mode  # level 0's three slots, for either kind
+
+
 @pytest.mark.parametrize("w,h,tile", [(90, 66, 64), (5, 3, 1024), (131, 40, 1024)])
 def test_checkerboard_context_round_trip(tiny_cb, w, h, tile):
     roundtrip(Image.fromarray(photo(w, h, seed=w)), tiny_cb, tile=tile)
