@@ -32,6 +32,7 @@ from .container import (
 from .errors import CorruptFileError, IdfzipError, InputImageError, ModelMismatchError
 from .planes import (
     FLOW_MODES,
+    WITH_ALPHA,
     apply_meta,
     as_image,
     colour_image,
@@ -401,14 +402,17 @@ def _encode_colour(
     )
 
 
-def _flow_model(model: str | Model | None, channels: int, device: str) -> Model:
-    """The model for a colour part of ``channels`` channels: ``model`` where it codes that many, else the
-    shipped default for that many (so a photo model given for a folder also leaves its grey images to the
-    grey model)."""
+def _given(model: str | Model | None, channels: int | None, device: str) -> Model | None:
+    """The model the user gave, if any and if it codes colour parts of ``channels`` channels (None: any); a
+    model of the other kind leaves the image to its kind's model (a photo model given for a folder leaves its
+    grey images to the grey model, a decoder given one the file's)."""
     mdl = model if isinstance(model, Model) else with_device(load(model), device) if model else None
-    if mdl is None or mdl.flow.config.channels != channels:
-        mdl = with_device(load(default_model(channels)), device)
-    return mdl
+    return mdl if mdl is not None and channels in (None, mdl.flow.config.channels) else None
+
+
+def _flow_model(model: str | Model | None, channels: int, device: str) -> Model:
+    """The model for a colour part of ``channels`` channels: the given one, else the shipped default."""
+    return _given(model, channels, device) or with_device(load(default_model(channels)), device)
 
 
 def compress_with_stats(
@@ -523,7 +527,7 @@ def _decode(c: Container, model: str | Model | None, device: str, progress: Prog
     if c.rest is not None:
         rmode = rest_mode(c.mode) if c.tiles or c.mode in ("P", "PA") else c.mode
         rest = decode_rest(c.rest_method, c.rest, rmode, (c.width, c.height))
-    if (bool(c.tiles) and c.mode in ("RGBA", "LA")) != (rest is not None and colour is not None) or (
+    if (bool(c.tiles) and c.mode in WITH_ALPHA) != (rest is not None and colour is not None) or (
         colour is None and rest is None
     ):
         raise CorruptFileError("the parts present do not match the image mode")
@@ -550,7 +554,7 @@ def _preview(c: Container, model, device: str, progress: Progress, k: int) -> Im
         part = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress, preview=k)
         colour[y >> k : (y >> k) + part.shape[0], x >> k : (x >> k) + part.shape[1]] = part
     im = colour_image(colour)
-    if c.mode in ("RGBA", "LA") and c.rest is not None:
+    if c.mode in WITH_ALPHA and c.rest is not None:
         alpha = decode_rest(c.rest_method, c.rest, rest_mode(c.mode), (c.width, c.height)).reduce(1 << k)
         im.putalpha(alpha)
     return im
@@ -559,10 +563,9 @@ def _preview(c: Container, model, device: str, progress: Progress, k: int) -> Im
 def _model_for(c: Container, model: str | Model | None, device: str) -> Model:
     """The model a flow-coded container needs: ``model`` if given (checked against the file), else the one
     the file names."""
-    mdl = model if isinstance(model, Model) else with_device(load(model), device) if model else None
-    if mdl is None or mdl.flow.config.channels != FLOW_MODES.get(c.mode, mdl.flow.config.channels):
-        # (as when compressing, a given model that does not fit the image's kind leaves it to the file's)
-        mdl = with_device(load_shipped(c.model_name) if c.model_name else load_by_hash(c.model_hash), device)
+    mdl = _given(model, FLOW_MODES.get(c.mode), device) or with_device(
+        load_shipped(c.model_name) if c.model_name else load_by_hash(c.model_hash), device
+    )
     if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
         written = repr(c.model_name) if c.model_name else "a shipped model"
         raise ModelMismatchError(

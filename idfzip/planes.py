@@ -153,6 +153,7 @@ def same_image(a: Image.Image, b: Image.Image) -> bool:
 
 # ---------------------------------------------------------------------------------------------- split
 FLOW_MODES = {"RGB": 3, "RGBA": 3, "L": 1, "LA": 1}  # the modes with a colour part, and its channels
+WITH_ALPHA = ("RGBA", "LA")  # those whose alpha plane is the rest when the colour part goes through a flow
 
 
 def rest_mode(mode: str) -> str:
@@ -181,7 +182,7 @@ def colour_image(a: np.ndarray) -> Image.Image:
 def merge(mode: str, size: tuple[int, int], colour: np.ndarray | None, rest: Image.Image | None) -> Image.Image:
     if colour is not None:
         im = colour_image(colour)
-        if mode in ("RGBA", "LA"):
+        if mode in WITH_ALPHA:
             im.putalpha(rest)
         return im
     if mode in ("P", "PA"):  # the rest holds the same bytes as L (LA)

@@ -161,10 +161,10 @@ def _conv_depth(state: dict, net: str) -> int:
 
 def warm_start(model: HierarchicalIDF, path: str | Path) -> int:
     """Copy weights from a model file into ``model`` where names match: whole tensors of equal shape, or into
-        the leading block of a tensor that has grown (extra prior outputs, extra prior inputs, wider hidden layers).
-        Grown input columns are zeroed, so the new inputs start ignored. A prior network that has grown deeper gets
-        the source's layers first and last, and identity convolutions between (ReLU outputs are non-negative, so
-        an identity layer passes them unchanged). The copied model's function is kept. A 1-channel model starts from
+    the leading block of a tensor that has grown (extra prior outputs, extra prior inputs, wider hidden layers).
+    Grown input columns are zeroed, so the new inputs start ignored. A prior network that has grown deeper gets
+    the source's layers first and last, and identity convolutions between (ReLU outputs are non-negative, so
+    an identity layer passes them unchanged). The copied model's function is kept. A 1-channel model starts from
     a 3-channel one's luma instead (``grey_of``; not the same function). Returns tensors copied."""
     from safetensors import safe_open
 
