@@ -5,7 +5,7 @@
 # photo source as L (Pillow's ITU-R 601 luma). The native-resolution validation split of docs/MODELS.md (the
 # first 27 CLIC 2025 crops in sorted order: all 3 crops of 9 photos) is given last, so that the config's
 # val_images = 27 holds it out. docs/MODELS.md gives the time and figures; continue a stopped run with the same
-# command plus --resume (the shipped file: 6,500 steps, then --resume to step 15,750).
+# command plus --resume (the shipped file: 6,500 steps, then --resume to 15,750 and to 17,250).
 set -e
 cd "$(dirname "$0")/.."
 D=${DATA:-../shared/data}
