@@ -70,9 +70,7 @@ DELTA_LIMIT = 127
 DELTA_STEPS = 200  # Adam steps of the output updates' float fit (by default), the rate decaying to 0 (cosine)
 DELTA_LR = 0.15  # in units of D
 DELTA_RATE = 2.0  # the fit's charge for D's bytes, in bits per unit of |D| (about their Rice-coded cost)
-# smaller slots of a 3-channel model are not updated: their some 1,300 values would not pay; a 1-channel model's
-# updates hold a third of the values, so its slots need a third of the symbols (the same positions)
-DELTA_MIN_SYMBOLS = 1 << 17
+DELTA_MIN_SYMBOLS = 1 << 17  # a 3-channel slot of fewer symbols is not updated (``updates_may_pay``)
 
 Params = dict[tuple[int, int], torch.Tensor]  # (level, slot) -> (C, 4) int64, or (C, 4 + 6K) in version 6
 Deltas = dict[tuple[int, int], np.ndarray]  # (level, slot) -> (C, 3K, hidden) int64 output updates (version 7)
@@ -284,6 +282,14 @@ def fit_slot(
     if plain > 0:
         return torch.from_numpy(p), plain + by_delta
     return None, by_delta
+
+
+def updates_may_pay(symbols: int, C: int) -> bool:
+    """Whether output updates are worth fitting for a slot of ``symbols`` symbols of a C-channel model: a
+    3-channel slot needs DELTA_MIN_SYMBOLS (fewer would not pay for the updates' some 1,300 values); a
+    1-channel model's updates hold a third of the values, so its slots need a third of the symbols (the same
+    positions)."""
+    return 3 * symbols >= DELTA_MIN_SYMBOLS * C
 
 
 def fit_delta(

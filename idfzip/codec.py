@@ -281,7 +281,7 @@ class _Tile:
         segments = [(self.symbols(Segment(level, j, g)), self.channel_raws(level, j, g)) for g in passes]
         fit = (plan.symbols, plan.offsets, plan.steps)
         p, saved = adapt.fit_slot(segments, self.C, self.K, *fit, gain=plan.gain, coarse=plan.coarse)
-        if self.fitting and 3 * sum(z.numel() for z, _ in segments) >= adapt.DELTA_MIN_SYMBOLS * self.C:
+        if self.fitting and adapt.updates_may_pay(sum(z.numel() for z, _ in segments), self.C):
             f = torch.cat([self._feat[g] for g in passes], 1)
             D = adapt.fit_delta(segments, f, self.C, self.K, plan.delta, plan.delta_steps)
             if D.any():
@@ -439,7 +439,7 @@ def compress_with_stats(
     c = Container(im.mode, im.width, im.height, crc32=signature(im, meta), meta=meta or None)
     colour, rest = split(im)
     stats = Stats(subpixels=subpixels(im))
-    classical = None
+    classical = None  # the file's bytes with the whole image coded classically, where that is tried
     # one colour everywhere: the flow would still spend coding.MIN_SYMBOL_BITS per sub-pixel, the classical
     # coding (a constant) a few bytes, so only that is written
     flat = colour is not None and bool((colour == colour[:1, :1]).all())
@@ -447,13 +447,14 @@ def compress_with_stats(
     # small part of the flow's time (files of grey images were never larger than their PNG before the flow)
     small = im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN
     if colour is not None and (flat or small or colour.shape[2] == 1):
-        classical = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
-        classical.rest_method, classical.rest = encode_rest(im)
+        whole = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
+        whole.rest_method, whole.rest = encode_rest(im)
+        classical = whole.to_bytes()
     # a flow-coded file holds at least its header with a shipped model's hash and one 4-byte word of stream:
     # where the classical coding is no larger, the model is not even loaded
     floor = Container(im.mode, im.width, im.height, model_name="", model_hash=bytes(MODEL_HASH_BYTES), meta=c.meta)
     floor.tiles = [bytes(4)] * (floor.tiles_x * floor.tiles_y)
-    if colour is not None and not flat and not (classical and len(classical.to_bytes()) <= len(floor.to_bytes())):
+    if colour is not None and not flat and not (classical is not None and len(classical) <= len(floor.to_bytes())):
         mdl = _flow_model(model, colour.shape[2], device)
         m = mdl.flow.multiple
         if tile < m or tile % m:
@@ -477,10 +478,8 @@ def compress_with_stats(
         if not c.tiles:
             stats.method = "classical"
     data = None if flat else c.to_bytes()
-    if classical is not None:
-        alt = classical.to_bytes()
-        if data is None or len(alt) < len(data):  # (nll_bits: still the model's NLL)
-            data, stats.method, stats.flow_bytes, stats.model_sha256 = alt, "classical", 0, b""
+    if classical is not None and (data is None or len(classical) < len(data)):  # (nll_bits: still the model's NLL)
+        data, stats.method, stats.flow_bytes, stats.model_sha256 = classical, "classical", 0, b""
     stats.bytes = len(data)
     return data, stats
 
