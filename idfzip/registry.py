@@ -19,6 +19,7 @@ DEFAULT_MODEL = "natural"  # for RGB (and the RGB of RGBA)
 GREY_MODEL = "grey"  # for L (and the L of LA)
 PURPOSES = {
     "natural": "photos and other natural images",
+    "natural-v1": "the first natural model (to 2026-12), kept so that the files it wrote decode",
     "grey": "greyscale photos (L and LA images)",
     "cifar10": "tiny 32x32 images (CIFAR-10)",
 }

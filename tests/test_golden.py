@@ -73,11 +73,11 @@ def test_versions_5_to_7_still_decode(name):
 
 @pytest.mark.parametrize("name", ["rgb", "rgba", "tiled"])
 def test_version_4_files_still_decode(name):
-    """Written by the float64-network build (commit 88ca5f9) with the shipped `natural` model before its
-    calibration: that file's hash names the calibrated model (its ``calibrated_from``), whose float weights
-    are the same, and its networks run in the float64 mode."""
+    """Written by the float64-network build (commit 88ca5f9) with the shipped `natural` model (now shipped as
+    `natural-v1`) before its calibration: that file's hash names the calibrated model (its ``calibrated_from``),
+    whose float weights are the same, and its networks run in the float64 mode."""
     data = (GOLDEN / f"{name}_v4.idfz").read_bytes()
-    assert idfzip.inspect(data)["version"] == 4 and idfzip.inspect(data)["model"] == "natural"
+    assert idfzip.inspect(data)["version"] == 4 and idfzip.inspect(data)["model"] == "natural-v1"
     assert idfzip.decompress(data).tobytes() == Image.open(GOLDEN / f"{name}.png").tobytes()
 
 
