@@ -52,14 +52,16 @@ def _fails_on_crc(data: bytes) -> float:
 @needs_peak
 def test_constant_plane_bomb_costs_one_plane():
     """22 bytes declaring a 16384x16384 float image: it must decode to one 1 GiB plane (the image a valid file
-    of this kind returns; the codec checks the CRC only on the decoded image), not three (3.3 GB, 10 s)."""
+    of this kind returns; the codec checks the CRC only on the decoded image), not three (3.3 GB). The memory
+    bound is the check; the time bound only catches a hang (one plane takes 1.5-2.5 s alone here, and took 6.3 s
+    in CI beside the other tests, so a tight bound would time the machine, not the decoder)."""
     data = Container("F", 16384, 16384, crc32=0, rest_method=REST_CONSTANT, rest=struct.pack("<f", 1.5)).to_bytes()
     assert len(data) == 22
     plane = 16384 * 16384 * 4 / MB
     seconds = []
     extra = _peak_extra_mb(lambda: seconds.append(_fails_on_crc(data)))
     assert extra < plane + 300, f"{extra:.0f} MB for a {plane:.0f} MB plane"
-    assert seconds[0] < 5  # ~1.5-2.5 s here: writing 1 GiB of fresh pages once, and one CRC pass over it
+    assert seconds[0] < 60  # writing 1 GiB of fresh pages once, and one CRC pass over it
 
 
 @needs_peak
