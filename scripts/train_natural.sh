@@ -19,10 +19,9 @@ idfzip train "$DATA" --config scripts/configs/natural-3.json --init-from runs/na
     --out runs/natural-3.safetensors -f
 idfzip train "$DATA" --config scripts/configs/natural-4.json --init-from runs/natural-3.safetensors \
     --out runs/natural-4.safetensors -f
-# stage 5: the validation split of docs/MODELS.md (the first 27 CLIC crops in sorted order: all 3 crops of 9
-# photos) is given last, so that the config's val_images = 27 holds it out
-CLIC=$(ls "$D"/clic2025-validation/*.webp | sort)
-# shellcheck disable=SC2046,SC2086
-idfzip train "$D/cid22/training" "$D/cid22/validation" $(echo "$CLIC" | tail -n +28) $(echo "$CLIC" | head -27) \
+# stage 5: every photo source, the native-resolution validation split held out (scripts/photo_data.sh)
+PHOTOS=$(scripts/photo_data.sh "$D")  # an assignment, so that set -e stops on a missing folder
+# shellcheck disable=SC2086
+idfzip train $PHOTOS \
     --config scripts/configs/natural-5.json --init-from runs/natural-4.safetensors --out runs/natural.safetensors -f
 cp runs/natural.safetensors models/natural.safetensors
