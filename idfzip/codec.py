@@ -45,7 +45,7 @@ from .planes import (
     split,
 )
 from .priors import FloatMixture, IntMixture
-from .zoo import Model, default_model, is_shipped, load, load_by_hash, load_shipped, shipped_name, with_device
+from .zoo import Model, default_model, is_shipped, load, load_by_hash, load_shipped, with_device
 
 DEFAULT_TILE = 1024
 SMALL_IMAGE = 64 * 64  # colour parts (RGB, L) up to this many pixels also try the classical coding and keep the smaller
@@ -562,11 +562,8 @@ def _preview(c: Container, model, device: str, progress: Progress, k: int) -> Im
 def _model_for(c: Container, model: str | Model | None, device: str) -> Model:
     """The model a flow-coded container needs: ``model`` if given (checked against the file), else the one
     the file names."""
-    # version 1 named shipped models by name too; the shipped model of that name may since have been retrained,
-    # its first file shipped under another name (natural -> natural-v1), so the hash decides there
-    by_hash = not c.model_name or (c.version == 1 and shipped_name(c.model_hash) is not None)
     mdl = _given(model, FLOW_MODES.get(c.mode), device) or with_device(
-        load_by_hash(c.model_hash) if by_hash else load_shipped(c.model_name), device
+        load_by_hash(c.model_hash) if c.by_hash else load_shipped(c.model_name), device
     )
     if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
         written = repr(c.model_name) if c.model_name else "a shipped model"

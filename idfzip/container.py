@@ -145,6 +145,15 @@ class Container:
     version: int = VERSION
 
     @property
+    def by_hash(self) -> bool:
+        """Whether the flow's model is found by its hash: files of version 2 on name only user models, and a
+        version-1 file named shipped models by name too, whose models may since have been retrained and their
+        first files shipped under other names (natural -> natural-v1), so there a shipped hash decides."""
+        return not self.model_name or (
+            self.version == 1 and self.model_hash is not None and shipped_name(self.model_hash) is not None
+        )
+
+    @property
     def tile_side(self) -> int:
         """The side of the tile grid's squares: ``tile``, or for one tile the image's longer side."""
         return self.tile or max(self.width, self.height)
@@ -316,7 +325,7 @@ def inspect(data: bytes) -> dict:
         "height": c.height,
         "bytes": len(data),
         "bpd": 8.0 * len(data) / n,
-        "model": c.model_name or (shipped_name(c.model_hash) if c.model_hash else None),
+        "model": (shipped_name(c.model_hash) if c.model_hash else None) if c.by_hash else c.model_name,
         "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
         "tile": c.tile_side if c.tiles else None,
         "tiles": len(c.tiles),
