@@ -566,9 +566,9 @@ def _model_for(c: Container, model: str | Model | None, device: str) -> Model:
         load_by_hash(c.model_hash) if c.by_hash else load_shipped(c.model_name), device
     )
     if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
-        written = repr(c.model_name) if c.model_name else "a shipped model"
+        written = f"model {c.flow_model!r}" if c.flow_model else "a shipped model"
         raise ModelMismatchError(
-            f"file was written with model {written} ({c.model_hash.hex()}), "
+            f"file was written with {written} ({c.model_hash.hex()}), "
             f"available model {mdl.name!r} is {mdl.sha256[:MODEL_HASH_BYTES].hex()}"
         )
     if c.tile % mdl.flow.multiple:

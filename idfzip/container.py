@@ -154,6 +154,14 @@ class Container:
         )
 
     @property
+    def flow_model(self) -> str | None:
+        """The name of the model the flow needs: the stored name, or where ``by_hash`` the shipped model with
+        the stored hash (None where this installation has none)."""
+        if self.by_hash:
+            return shipped_name(self.model_hash) if self.model_hash else None
+        return self.model_name
+
+    @property
     def tile_side(self) -> int:
         """The side of the tile grid's squares: ``tile``, or for one tile the image's longer side."""
         return self.tile or max(self.width, self.height)
@@ -325,7 +333,7 @@ def inspect(data: bytes) -> dict:
         "height": c.height,
         "bytes": len(data),
         "bpd": 8.0 * len(data) / n,
-        "model": (shipped_name(c.model_hash) if c.model_hash else None) if c.by_hash else c.model_name,
+        "model": c.flow_model,
         "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
         "tile": c.tile_side if c.tiles else None,
         "tiles": len(c.tiles),

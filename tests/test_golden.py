@@ -23,7 +23,7 @@ from PIL import Image
 import idfzip
 from idfzip import adapt
 from idfzip.container import Container
-from idfzip.errors import CorruptFileError
+from idfzip.errors import CorruptFileError, ModelMismatchError
 from idfzip.zoo import load_shipped
 
 
@@ -90,6 +90,8 @@ def test_older_versions_decode_or_are_refused(version):
     data = (GOLDEN / f"legacy_v{version}.idfz").read_bytes()
     # written with the first `natural`, now shipped as natural-v1; version 1 named it "natural", the hash decides
     assert idfzip.inspect(data)["version"] == version and idfzip.inspect(data)["model"] == "natural-v1"
+    with pytest.raises(ModelMismatchError, match="with model 'natural-v1' "):  # not the name it holds
+        idfzip.decompress(data, "natural")
     try:
         pixels = idfzip.decompress(data).tobytes()
     except CorruptFileError as e:
