@@ -132,6 +132,13 @@ def test_integer_mode_is_independent_of_strips_threads_and_batching(monkeypatch,
     assert (full.float() - ref).abs().mean() <= 0.02 * ref.abs().mean()
 
 
+def test_hidden_layers_wider_than_exact_float32_sums_allow_are_refused():
+    ConvNet(9, 12, hidden=113, layers=2)  # 3x3 x 113 = 1,017 terms of at most 2**14: below 2**24
+    with pytest.raises(ValueError, match="1026 terms"):  # where int8 is slow, float32 sums could round
+        ConvNet(9, 12, hidden=114, layers=2)
+    ConvNet(9, 12, hidden=200, layers=1)  # one hidden layer: the first (float64) and a 1x1 output of 200 terms
+
+
 @pytest.mark.parametrize("layers", [1, 2, 3])  # no hidden 3x3 layer after the first, one, two
 def test_outputs_at_some_positions_are_those_of_the_whole(monkeypatch, layers):
     """``exact(pos=...)`` (the integer mode computes its last hidden and output layers at those positions only)
