@@ -58,8 +58,8 @@ ACT_EXP_UNSET = 127  # the act_exp of a net never calibrated
 ACT_EXP_MIN = -12  # the finest activation unit a calibration gives
 CALIBRATION_QUANTILE = 0.999  # of each channel's activations, which is what ACT_LEVELS units cover
 INT_WEIGHT_MAX = 1 << 14  # hidden and output weights: integers in [-2**14, 2**14) on their channel's grid
-INT_TERMS = 1 << 10  # at most this many terms per sum after the first layer (float32 products stay exact: ``_imm``)
 # (fewer for layers of more than 432 terms: twice the largest sum, plus the bias, must stay below 2**31)
+INT_TERMS = 1 << 10  # at most this many terms per sum after the first layer (float32 products stay exact: ``_imm``)
 FIRST_WEIGHT_BITS = 22  # the first layer's weights: integers below 2**22 on one grid (float64 sums < 2**45)
 MAX_SHIFT = 19  # a hidden layer's grid is at most 2**-19, so its sums stay below 2**31
 OUT_MAX_SHIFT = 24  # the output layer's grid is at most 2**-24, like the linear branch's
@@ -198,8 +198,8 @@ def _combine(r: torch.Tensor) -> torch.Tensor:
 def _imm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """a @ (128 hi + lo) for a and w = [hi | lo] (``_halves``, int8), as exact int32: int8 products
     with int32 sums when a is int8 on the CPU; otherwise float32 products of the same values (a may be float32
-    already; |a|, |hi|, |lo| <= 128, at most INT_TERMS = 2**10 terms: sums below 2**24, exact in any order; TF32 and
-    reduced-precision products are turned off)."""
+    already; |a|, |hi|, |lo| <= 128, at most INT_TERMS = 2**10 terms, checked in ``ConvNet``: sums below 2**24,
+    exact in any order; TF32 and reduced-precision products are turned off)."""
     if a.dtype == torch.int8 and a.device.type == "cpu":
         return _combine(torch._int_mm(a, w))
     return _combine(_imm_float(a, w))
@@ -428,7 +428,10 @@ class ConvNet(nn.Module):
         for conv in self.convs[1:]:  # the integer mode's int8 products, as float32 where int8 is slow
             terms = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
             if terms > INT_TERMS:
-                raise ValueError(f"a layer sums {terms} terms; exact int8 products in float32 allow {INT_TERMS}")
+                raise ValueError(
+                    f"a layer sums {terms} terms; exact int8 products in float32 allow {INT_TERMS} "
+                    f"(3x3 layers at most {INT_TERMS // 9} channels wide)"
+                )
 
     @property
     def halo(self) -> int:
