@@ -413,21 +413,22 @@ class ConvNet(nn.Module):
         self._stack: tuple | None = None  # the residual branch's weights as ``exact`` uses them (``freeze``)
 
     def _check_ranges(self) -> None:
-        # bits needed by the worst sum of each layer: |a| * |w| * terms, on the finest grid involved
+        # bits needed by the worst sum of each layer: |a| * |w| * terms, on the finest grid involved; after the
+        # first layer also the integer mode's terms (its int8 products run as float32 where int8 is slow)
         in_int = math.log2(INPUT_CLAMP)
-        layers = []  # (conv, input integer bits, input fractional bits)
+        layers = []  # (conv, input integer bits, input fractional bits, whether the integer mode's products)
         if self.linear is not None:
-            layers.append((self.linear, in_int, LINEAR_FRAC_BITS - WEIGHT_FRAC_BITS))
+            layers.append((self.linear, in_int, LINEAR_FRAC_BITS - WEIGHT_FRAC_BITS, False))
         for i, conv in enumerate(self.convs):
-            layers.append((conv, in_int - IN_SHIFT, IN_SHIFT) if i == 0 else (conv, ACT_INT_BITS, ACT_FRAC_BITS))
-        for conv, a_int, a_frac in layers:
+            layers.append(
+                (conv, in_int - IN_SHIFT, IN_SHIFT, False) if i == 0 else (conv, ACT_INT_BITS, ACT_FRAC_BITS, True)
+            )
+        for conv, a_int, a_frac, products in layers:
             terms = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
             bits = a_int + WEIGHT_INT_BITS + math.ceil(math.log2(terms + 1)) + a_frac + WEIGHT_FRAC_BITS
             if bits > _MANTISSA:
                 raise ValueError(f"a layer needs {bits} bits; exact float64 evaluation allows {_MANTISSA}")
-        for conv in self.convs[1:]:  # the integer mode's int8 products, as float32 where int8 is slow
-            terms = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-            if terms > INT_TERMS:
+            if products and terms > INT_TERMS:
                 raise ValueError(
                     f"a layer sums {terms} terms; exact int8 products in float32 allow {INT_TERMS} "
                     f"(3x3 layers at most {INT_TERMS // 9} channels wide)"
