@@ -3,6 +3,7 @@ end to end (train, resume, use the model at once)."""
 
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,13 @@ def test_amp_training_exports_a_float32_calibrated_model(tmp_path):
     assert all(v.dtype != torch.bfloat16 for v in model.flow.state_dict().values())
     assert model.flow.integer and not any(getattr(m, "amp", False) for m in model.flow.modules())
     roundtrip(Image.fromarray(photo(70, 66)), model)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "scripts" / "configs").glob("*.json")), ids=lambda p: p.name
+)
+def test_shipped_recipes_parse_and_build(path):
+    """Every config under scripts/configs (the recipes the docs point training runs at) parses and builds a model
+    that the integer mode's width limit allows, so a GPU slot is not lost on a recipe that cannot start."""
+    config, _ = load_config(path)
+    HierarchicalIDF(config)
