@@ -16,7 +16,7 @@ with ``apply``, the float64 form they were written with. Block layout (docs/FORM
 (bit 3l + j: slot j of level l adapted), then per adapted slot in mask order C x 4 signed bytes, ordered
 channel, (a, b, d, t).
 
-Version 6 (efforts 7-9) adds per channel, for each of the 3K mixture parameters x (logits, means, log-scales
+Version 6 (efforts 5-9) adds per channel, for each of the 3K mixture parameters x (logits, means, log-scales
 of each component), an offset o and a gain g: after the transform above, x' = x * (1 + g/64) + o/64. A slot
 then takes C x (4 + 6K) signed bytes, ordered channel, (a, b, d, t, o_1..o_3K, g_1..g_3K). The encoder fits
 them in float64 (``_offsets``) and rounds them; the bits depend only on the stored integers, so every decoder
@@ -47,7 +47,7 @@ import torch
 
 from .container import Reader, write_varint
 from .errors import CorruptFileError
-from .priors import PARAM_FRAC, IntMixture, adapt_int, nll_bits, one_thread, quantize
+from .priors import PARAM_FRAC, IntMixture, adapt_int, nll_and_grad, nll_bits, one_thread, quantize
 
 UNIT = 64  # parameters are integers in units of 1/UNIT
 LIMITS = ((-48, 64), (-127, 127), (-48, 64), (-48, 64))  # ranges the encoder searches for a, b, d, t
@@ -62,8 +62,9 @@ FINE_GAIN = 66  # the same at efforts 7-9 (about 1e-3 bits)
 
 OFFSET_LIMIT = 127  # per-component offsets (version 6): integers in units of 1/UNIT, |o| <= 127
 GAIN_LIMITS = (-48, 64)  # per-component gains (version 6), as the 4-parameter factors
-OFFSET_STEPS = 60  # Adam steps of the offsets' float fit (by default)
-OFFSET_LR = 0.05
+OFFSET_STEPS = 12  # damped Gauss-Newton steps of the offsets' float fit (by default)
+LM_DAMPING = 1e-2  # its first damping, relative to the diagonal
+OFFSET_LR = 0.05  # Adam's rate for the stand-ins of the output updates' fit
 
 DELTA_FRAC = 9  # output updates (version 7): D f in units of 2**-DELTA_FRAC
 DELTA_LIMIT = 127
@@ -193,24 +194,40 @@ def fit(raws: list[torch.Tensor], zs: list[torch.Tensor], K: int) -> tuple[torch
 def _offsets(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int, steps: int = OFFSET_STEPS) -> np.ndarray:
     """Per-component offsets o and gains g (C, 6K: o then g) in units of 1/UNIT for C streams with quantised
     parameters q (C, 3K, m), symbols z (C, m) and 4-parameter adaptation p (C, 4): each parameter x becomes
-    x (1 + g) + o; a float64 fit (Adam on the mixture's NLL, from 0), rounded. Only the encoder runs it; the
-    decoder reads the integers, so the file decodes the same anywhere (another kind of CPU may round a float
-    differently and so choose other integers: a different file, as valid)."""
+    x (1 + g) + o. A float64 fit from 0 of the mixture's NLL (``priors.nll_and_grad``), ``steps`` damped
+    Gauss-Newton steps (Levenberg-Marquardt on the symbols' gradients' outer products; a channel takes a
+    step only where it lowers that channel's NLL), kept within the stored ranges, rounded. Only the encoder
+    runs it; the decoder reads the integers, so the file decodes the same anywhere (another kind of CPU may
+    round a float differently and so choose other integers: a different file, as valid)."""
     C = q.shape[0]
-    base = torch.from_numpy(adapt_int(q, p[:, :, None], K, axis=1)).double() * 2.0**-PARAM_FRAC
-    raw = base.reshape(1, C * 3 * K, -1, 1)
-    zs = torch.from_numpy(z).double().reshape(1, C, -1, 1)
-    o = torch.zeros(1, C * 3 * K, 1, 1, dtype=torch.float64, requires_grad=True)
-    g = torch.zeros(1, C * 3 * K, 1, 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([o, g], lr=OFFSET_LR)
-    with torch.enable_grad(), one_thread():  # the same choices at any thread count (on one kind of CPU)
+    base = adapt_int(q, p[:, :, None], K, axis=1).astype(np.float64) * 2.0**-PARAM_FRAC
+    zf = z.astype(np.float64)
+    lo = np.repeat([-OFFSET_LIMIT / UNIT, GAIN_LIMITS[0] / UNIT], 3 * K)
+    hi = np.repeat([OFFSET_LIMIT / UNIT, GAIN_LIMITS[1] / UNIT], 3 * K)
+
+    def nll(th: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (C,), and d / d theta per symbol (C, 6K, m)
+        bits, dx = nll_and_grad(base * (1.0 + th[:, 3 * K :, None]) + th[:, : 3 * K, None], zf, K)
+        return bits, np.concatenate([dx, dx * base], 1)
+
+    th = np.zeros((C, 6 * K))
+    bits, J = nll(th)
+    damp = np.full(C, LM_DAMPING)
+    with one_thread():  # the same choices at any thread count (on one kind of CPU)
         for _ in range(steps):
-            opt.zero_grad()
-            nll_bits(zs, raw * (1 + g) + o, K).backward()
-            opt.step()
-    o = torch.round(o.detach() * UNIT).clamp(-OFFSET_LIMIT, OFFSET_LIMIT).long()
-    g = torch.round(g.detach() * UNIT).clamp(*GAIN_LIMITS).long()
-    return torch.cat([o.view(C, 3 * K), g.view(C, 3 * K)], 1).numpy()
+            Jt = torch.from_numpy(J)
+            F = torch.bmm(Jt, Jt.transpose(1, 2))
+            diag = torch.diagonal(F, dim1=1, dim2=2)
+            A = F + torch.diag_embed(diag * torch.from_numpy(damp)[:, None] + 1e-9)
+            step = torch.linalg.solve(A, Jt.sum(2, keepdim=True))[:, :, 0].numpy()
+            trial = np.clip(th - step, lo, hi)
+            bits2, J2 = nll(trial)
+            ok = bits2 < bits
+            th, bits = np.where(ok[:, None], trial, th), np.where(ok, bits2, bits)
+            J = np.where(ok[:, None, None], J2, J)
+            damp = np.where(ok, damp / 3.0, damp * 4.0)
+    o = np.clip(np.round(th[:, : 3 * K] * UNIT), -OFFSET_LIMIT, OFFSET_LIMIT)
+    g = np.clip(np.round(th[:, 3 * K :] * UNIT), *GAIN_LIMITS)
+    return np.concatenate([o, g], 1).astype(np.int64)
 
 
 def _lengths(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int) -> np.ndarray:

@@ -194,9 +194,13 @@ def _effort(d: dict) -> str:
     if d["layout"] >= 7:
         return "8-9 (adaptation with offsets and output-layer updates)"
     if d["layout"] == 6:
-        return "7-9 (adaptation with offsets)"
+        return "5-9 (adaptation with offsets)"
     if d["adapted_tiles"]:
-        return "2-6 (adaptation)" if d["version"] >= 4 else "adapted (written before efforts existed)"
+        return (
+            "2-4 (adaptation; 5-6 too before 2026-12-07)"
+            if d["version"] >= 4
+            else "adapted (written before efforts existed)"
+        )
     return "1, or no slot large enough to adapt" if d["version"] >= 5 else "unadapted"
 
 

@@ -56,6 +56,7 @@ Progress = Callable[[float], None] | None  # called with the pixels done since t
 
 EFFORTS = range(1, 10)
 DEFAULT_EFFORT = 5
+FEW_OFFSETS = 1 << 16  # pixels: an image this small is also coded without offsets (efforts 5-9), the smaller kept
 
 
 @dataclass(frozen=True)
@@ -74,25 +75,28 @@ class FitPlan:
 
 
 def fit_plan(effort: int) -> FitPlan:
-    """Effort 1: no adaptation (fastest encode); 2-3: the search on half the usual sample; 4-6 (default 5): the
-    usual; 7: also offsets and gains, fitted on 2**12 symbols per stream in 60 steps; 8-9: offsets and gains on
-    2**14, and output updates of the slots of at least adapt.DELTA_MIN_SYMBOLS * C / 3 symbols (format version 7),
-    fitted on 2**15 positions in 200 and 400 steps. The search stops where a step saves less than 1/4 bit on
-    its sample (adapt.MIN_GAIN), at efforts 7-9 about 1e-3 bits (adapt.FINE_GAIN); it runs on half its sample
-    throughout, at efforts 7-9 its last two steps on all of it (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Decoding
-    costs about the same at every effort."""
+    """Effort 1: no adaptation (fastest encode); 2-3: the search on half the usual sample; 4: the usual search;
+    5 (default) and 6: also offsets and gains fitted on 2**12 symbols per stream in 8 and 12 steps (format
+    version 6's blocks); 7: the same in 16 steps; 8-9: offsets and gains on 2**14, and output updates of the
+    slots of at least adapt.DELTA_MIN_SYMBOLS * C / 3 symbols (format version 7), fitted on 2**15 positions in
+    200 and 400 steps. The search stops where a step saves less than 1/4 bit on its sample (adapt.MIN_GAIN), at
+    efforts 7-9 about 1e-3 bits (adapt.FINE_GAIN); it runs on half its sample throughout, at efforts 7-9 its
+    last two steps on all of it (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Decoding costs about the same at every
+    effort."""
     if effort not in EFFORTS:
         raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
     if effort == 1:
         return FitPlan(0)
     if effort <= 3:
         return FitPlan(adapt.FIT_SYMBOLS // 2)
-    if effort <= 6:
+    if effort == 4:
         return FitPlan(adapt.FIT_SYMBOLS)
+    if effort <= 6:
+        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 8 if effort == 5 else 12)
     fine = {"gain": adapt.FINE_GAIN, "coarse": adapt.FINE_COARSE_STEPS}
     if effort == 7:
-        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 60, **fine)
-    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 60, 1 << 15, adapt.DELTA_STEPS * (effort - 7), **fine)
+        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 16, **fine)
+    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 16, 1 << 15, adapt.DELTA_STEPS * (effort - 7), **fine)
 
 
 @dataclass
@@ -391,9 +395,14 @@ def _encode_colour(
     # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
     if not any(params or deltas for params, deltas, _ in coded):
         return [s for _, _, s in coded], False, version, bits
-    base = 7 if any(deltas for _, deltas, _ in coded) else 6 if plan.offsets else layout(version)
-    version = base + (SPLIT if split_windows(version) else 0)
     C = model.flow.config.channels
+    base = 7 if any(deltas for _, deltas, _ in coded) else 6 if plan.offsets else layout(version)
+    if base == 6 and h * w <= FEW_OFFSETS:  # the offsets' bytes may outweigh what they save: try without
+        plain = replace(plan, offsets=0, steps=0, delta=0, delta_steps=0)  # (so version 8's blocks)
+        alt = _encode_colour(model, colour, tile, device, version, plain, None)
+        if sum(map(len, alt[0])) < sum(len(adapt.to_bytes(p, C)) + len(s) for p, _, s in coded):
+            return alt
+    version = base + (SPLIT if split_windows(version) else 0)
     return (
         [adapt.to_bytes(params, C, deltas if base >= 7 else None) + s for params, deltas, s in coded],
         True,

@@ -87,6 +87,36 @@ def nll_bits(z: torch.Tensor, raw: torch.Tensor, K: int) -> torch.Tensor:
     return -lp.sum() / math.log(2.0)
 
 
+def nll_and_grad(x: np.ndarray, z: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """``nll_bits`` in float64 NumPy with its gradient by hand, for fits too small for autograd to pay: mixture
+    parameters x (C, 3K, m) [logits, means, log-scales of each component], symbols z (C, m) -> each of the C
+    streams' -log2 P(z) (C,) and its derivative by x (C, 3K, m) (zero where a log-scale is clamped). The same
+    stable forms as ``_log_sigmoid_diff``: softplus(-|u|) once per bin edge serves log sigmoid(+-u) and
+    sigmoid'(u) = exp(-|u| - 2 softplus(-|u|))."""
+    w, mu, raw_ls = x[:, :K], x[:, K : 2 * K], x[:, 2 * K :]
+    inv = np.exp(-np.clip(raw_ls, LOG_SCALE_MIN, LOG_SCALE_MAX))
+    a = (z[:, None, :] - mu + 0.5) * inv  # the bin's upper edge, standardised; b the lower
+    b = a - inv
+    sa, sb = np.log1p(np.exp(-np.abs(a))), np.log1p(np.exp(-np.abs(b)))
+    flip = (a + b) > 0  # log(sigmoid(a) - sigmoid(b)) from the side where the sigmoids are small
+    lh = np.where(flip, np.minimum(-b, 0.0) - sb, np.minimum(a, 0.0) - sa)
+    ll = np.where(flip, np.minimum(-a, 0.0) - sa, np.minimum(b, 0.0) - sb)
+    lp = lh + np.log(-np.expm1(np.minimum(ll - lh, -1e-6)))
+    ew = np.exp(w - w.max(1, keepdims=True))
+    pi = ew / ew.sum(1, keepdims=True)
+    t = lp + np.log(pi)
+    top = t.max(1, keepdims=True)
+    e = np.exp(t - top)
+    total = e.sum(1, keepdims=True)
+    bits = -(top + np.log(total))[:, 0].sum(1) / math.log(2.0)
+    r = e / total  # each component's share of the symbol's probability
+    da, db = np.exp(-np.abs(a) - 2.0 * sa - lp), np.exp(-np.abs(b) - 2.0 * sb - lp)  # d lp / d(a, -b)
+    dlp = r * (-1.0 / math.log(2.0))
+    kept = (raw_ls >= LOG_SCALE_MIN) & (raw_ls <= LOG_SCALE_MAX)
+    grad = [(pi - r) / math.log(2.0), dlp * (db - da) * inv, dlp * (db * b - da * a) * kept]
+    return bits, np.concatenate(grad, 1)
+
+
 class FloatMixture:
     """Mixture parameters of n symbols in coding order: weights, means, scales, each (n, K), float64.
 

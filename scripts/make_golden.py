@@ -3,9 +3,11 @@ the PNGs beside them, with the shipped `natural` model and, for la.png (an LA im
 alpha plane), the shipped `grey` model (tests/test_golden.py decodes them and requires re-encoding to give the same
 bytes). Run only when the container version, the encoder's choices or a shipped model change (as the adaptation
 search's did in ce6cf96, in the commit that set adapt.MIN_GAIN and in the one that set
-adapt.COARSE_STEPS = 5), never to make a failing test pass.
+adapt.COARSE_STEPS = 5, and as the default effort's did when it began to fit offsets), never to make a failing
+test pass.
 
-The {rgb,rgba,tiled}_v5.idfz, rgb_e7_v6.idfz and rgb_e8_v7.idfz files were written the same way by commit
+rgb_v8.idfz is the rgb.idfz that commit 3a01e4e wrote (version 8: the default effort before it fitted
+offsets; effort 4 writes it still). The {rgb,rgba,tiled}_v5.idfz, rgb_e7_v6.idfz and rgb_e8_v7.idfz files were written the same way by commit
 df9838d (versions 5-7, before split windows), the {rgb,rgba,tiled}_v4.idfz files by commit 88ca5f9 (version 4, float64
 networks) with the shipped model before its calibration. The legacy_v{1,2,3}.idfz files were written by idfzip at commit b7424ea (version 3, the last float-table
 build) from legacy.png: v3 as `idfzip.compress(im, "natural")`, v2 and v1 as that build's unadapted stream in

@@ -89,7 +89,7 @@ def test_info(run, tmp_path):
     assert r.exit_code == 0
     assert "96x64 RGBA" in r.output and "bits per sub-pixel" in r.output and "tiny" in r.output
     assert (
-        "tiles:       1 (the whole image)" in r.output and "format:      .idfz version 8 (split windows)\n" in r.output
+        "tiles:       1 (the whole image)" in r.output and "format:      .idfz version 9 (split windows)\n" in r.output
     )
     assert "adapted:     1 of 1 tiles" in r.output  # a random tiny model gains from adapting at this size
     legacy = Path(__file__).resolve().parent / "golden" / "legacy_v3.idfz"

@@ -323,7 +323,7 @@ def test_effort_option_and_info(run, tmp_path):
     assert (
         "version 9 (split windows)" in r.output
         and "per-component offsets" in r.output
-        and "effort:      7-9" in r.output
+        and "effort:      5-9" in r.output
     )
     r = run("info", tmp_path / "e1.idfz")
     assert "adapted" not in r.output and "effort:      1," in r.output

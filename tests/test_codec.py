@@ -195,7 +195,7 @@ def test_a_shipped_model_is_named_by_its_hash(tiny):
     im = Image.fromarray(photo(96, 64, seed=6))
     data = idfzip.compress(im, "natural")
     c = Container.from_bytes(data)
-    assert (c.version, c.model_name, c.tile, len(c.tiles)) == (8, "", 0, 1)  # one tile: side 0
+    assert c.version in (8, 9) and (c.model_name, c.tile, len(c.tiles)) == ("", 0, 1)  # one tile: side 0
     assert idfzip.inspect(data)["model"] == "natural" and idfzip.inspect(data)["tile"] == 96
     assert idfzip.decompress(data).tobytes() == im.tobytes()  # found by its hash
     with pytest.raises(ModelMismatchError, match="with model 'natural' "):  # named by its hash

@@ -299,6 +299,32 @@ def test_truncated_or_wrong_streams_are_errors():
             dec.check_end()
 
 
+def test_nll_and_grad_is_nll_bits_and_its_gradient():
+    """The encoder's hand-written mixture NLL and gradient (the offsets' fit) against autograd of the training
+    formula, per stream, with log-scales beyond the clamp (zero gradient there), far tails and narrow bins."""
+    from idfzip.priors import nll_and_grad
+
+    K, C, m = 3, 2, 500
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat(
+        [
+            torch.randn(C, K, m, generator=g),
+            8 * torch.randn(C, K, m, generator=g),
+            3 * torch.randn(C, K, m, generator=g),
+        ],
+        1,
+    ).double()
+    z = torch.round(20 * torch.randn(C, m, generator=g)).double()
+    bits, grad = nll_and_grad(x.numpy(), z.numpy(), K)
+    for c in range(C):
+        xc = x[c].reshape(1, 3 * K, m, 1).clone().requires_grad_()
+        ref = nll_bits(z[c].reshape(1, 1, m, 1), xc, K)
+        ref.backward()
+        assert bits[c] == pytest.approx(float(ref.detach()), rel=1e-12)
+        assert np.allclose(grad[c], xc.grad.reshape(3 * K, m).numpy(), rtol=1e-9, atol=1e-12)
+    assert (np.abs(x[:, 2 * K :].numpy()) > 4).any() and not grad[:, 2 * K :][x[:, 2 * K :].numpy() < -4].any()
+
+
 # ------------------------------------------------------------------------------ float tables (versions 1-3)
 def test_float_table_matches_training_likelihood():
     """The version-3 coding table's probability of a symbol equals exp(-nll) of the training formula."""
