@@ -397,18 +397,13 @@ def _encode_colour(
         return [s for _, _, s in coded], False, version, bits
     C = model.flow.config.channels
     base = 7 if any(deltas for _, deltas, _ in coded) else 6 if plan.offsets else layout(version)
+    tiles = [adapt.to_bytes(params, C, deltas if base >= 7 else None) + s for params, deltas, s in coded]
     if base == 6 and h * w <= FEW_OFFSETS:  # the offsets' bytes may outweigh what they save: try without
         plain = replace(plan, offsets=0, steps=0, delta=0, delta_steps=0)  # (so version 8's blocks)
         alt = _encode_colour(model, colour, tile, device, version, plain, None)
-        if sum(map(len, alt[0])) < sum(len(adapt.to_bytes(p, C)) + len(s) for p, _, s in coded):
+        if sum(map(len, alt[0])) < sum(map(len, tiles)):
             return alt
-    version = base + (SPLIT if split_windows(version) else 0)
-    return (
-        [adapt.to_bytes(params, C, deltas if base >= 7 else None) + s for params, deltas, s in coded],
-        True,
-        version,
-        bits,
-    )
+    return tiles, True, base + (SPLIT if split_windows(version) else 0), bits
 
 
 def _given(model: str | Model | None, channels: int | None, device: str) -> Model | None:
