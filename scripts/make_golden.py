@@ -13,7 +13,7 @@ networks) with the shipped model before its calibration. The legacy_v{1,2,3}.idf
 build) from legacy.png: v3 as `idfzip.compress(im, "natural")`, v2 and v1 as that build's unadapted stream in
 the older layouts."""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,10 @@ FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}, 
 
 
 @contextmanager
-def updates_kept(given: adapt.Deltas | None = None):
+def updates_kept():
     """Output updates (versions 7 and 10) fitted for every slot and kept whatever they save: by default only slots of
-    adapt.DELTA_MIN_SYMBOLS symbols or more get them (where they pay), and a small golden image has none.
-    ``given`` ((level, slot) -> D, one tile): these updates instead of fitted ones (the float fit's integers
-    can differ between kinds of CPU; all that follows from them may not)."""
-    saved_state = adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot, adapt.fit_delta
+    adapt.DELTA_MIN_SYMBOLS symbols or more get them (where they pay), and a small golden image has none."""
+    saved_state = adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot
     fit_slot = adapt.fit_slot
 
     def keep(segments, C, K, *plan, **kw):
@@ -44,29 +42,54 @@ def updates_kept(given: adapt.Deltas | None = None):
         return p, saved + (1 << 40) if len(plan) > 3 else saved  # plan[3]: the updates
 
     adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot = 0, keep
-    if given is not None:
-        flow = load_shipped("natural").flow
-        levels = flow.config.levels
-        order = iter(dict.fromkeys((s.level, s.slot) for s in reversed(schedule(flow)) if s.level < levels))
-
-        def stored(segments, f, C, K, *plan):  # the encoder fits the slots in reversed schedule order
-            return given.get(next(order), np.zeros((C, 3 * K, f.shape[0]), dtype=np.int64))
-
-        adapt.fit_delta = stored
     try:
         yield
     finally:
-        adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot, adapt.fit_delta = saved_state
+        adapt.DELTA_MIN_SYMBOLS, adapt.fit_slot = saved_state
 
 
-def write(name: str, updates: adapt.Deltas | None = None) -> bytes:
-    """The golden file ``name``'s bytes as this build writes them (``updates``: as ``updates_kept``'s)."""
+@contextmanager
+def fitted_as(params: adapt.Params, updates: adapt.Deltas):
+    """The float fits' integers taken from a file's one tile instead of fitted: each slot's offsets and gains
+    from ``params`` ((level, slot) -> (C, 4 + 6K); zeros for a slot it lacks), its output updates from
+    ``updates``. Those fits can choose other integers on another kind of CPU: an AMD EPYC with AVX2 chose other
+    offsets for rgb_e7 than the AVX-512 Xeon that wrote it, and effort 8's float32 fit of the updates wrote
+    rgb_e8 in 37,415 bytes on such an EPYC, 37,407 and 37,411 on the Xeon with its AVX-512 and default kernels.
+    All that follows from the integers must be the same everywhere."""
+    flow = load_shipped("natural").flow
+    levels = flow.config.levels
+    slots = list(dict.fromkeys((s.level, s.slot) for s in reversed(schedule(flow)) if s.level < levels))
+    saved_state = adapt.fit_slot, adapt._offsets, adapt.fit_delta
+    fit_slot, at = adapt.fit_slot, [-1]
+
+    def tracked(segments, C, K, *plan, **kw):  # the encoder fits the slots in reversed schedule order ...
+        if len(plan) < 4 or plan[3] is None:  # ... each first without updates (plan[3])
+            at[0] = (at[0] + 1) % len(slots)
+        return fit_slot(segments, C, K, *plan, **kw)
+
+    def offsets(q, z, p, K, *steps):
+        stored = params.get(slots[at[0]])
+        if stored is None or stored.shape[1] == 4:
+            return np.zeros((q.shape[0], 6 * K), dtype=np.int64)
+        return stored[:, 4:].numpy()
+
+    def stored_updates(segments, f, C, K, *plan):
+        return updates.get(slots[at[0]], np.zeros((C, 3 * K, f.shape[0]), dtype=np.int64))
+
+    adapt.fit_slot, adapt._offsets, adapt.fit_delta = tracked, offsets, stored_updates
+    try:
+        yield
+    finally:
+        adapt.fit_slot, adapt._offsets, adapt.fit_delta = saved_state
+
+
+def write(name: str, fitted: tuple[adapt.Params, adapt.Deltas] | None = None) -> bytes:
+    """The golden file ``name``'s bytes as this build writes them; ``fitted``: with a file's own float-fitted
+    integers (``fitted_as``)."""
     kw = FILES[name]
     im = Image.open(GOLDEN / f"{name.split('_')[0]}.png")
-    if kw.get("effort", 0) >= 8:
-        with updates_kept(updates):
-            return idfzip.compress(im, "natural", **kw)
-    return idfzip.compress(im, "natural", **kw)
+    with fitted_as(*fitted) if fitted else nullcontext(), updates_kept() if kw.get("effort", 0) >= 8 else nullcontext():
+        return idfzip.compress(im, "natural", **kw)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,9 @@ def _source(name: str) -> Image.Image:
 
 @pytest.mark.parametrize("name", sorted(CURRENT))
 def test_golden_files_decode_and_are_reproduced(name):
-    """(The float64 fit of the offsets, at efforts 5-9, could choose other integers on another kind of CPU, though
-    it has not yet; effort 8's float32 fit of the output updates has (a version of it wrote rgb_e8 in 37,415 bytes on
-    an AMD EPYC with AVX2, 37,407 and 37,411 on an AVX-512 Xeon with its AVX-512 and default kernels), so its
-    file is re-encoded with its own updates, and all that follows from them must be reproduced. Every kind
-    decodes every file, test_instruction_set_matrix.)"""
+    """Files with offsets (versions 9 and 10) are re-encoded with their own float-fitted integers (make_golden's
+    ``fitted_as``: another kind of CPU may fit others), and all that follows from them must be reproduced. Every
+    kind decodes every file, test_instruction_set_matrix."""
     source = _source(name)
     data = (GOLDEN / f"{name}.idfz").read_bytes()
     c = Container.from_bytes(data)
@@ -45,13 +43,14 @@ def test_golden_files_decode_and_are_reproduced(name):
     # keeps its file without them, codec.FEW_OFFSETS)
     assert c.version == {"tiled": 8, "la": 8, "rgb_e8": 10}.get(name, 9) and c.tiles
     assert idfzip.decompress(data).tobytes() == source.tobytes()
-    updates = None
-    if c.version == 10:
+    fitted = None
+    if c.version >= 9:
         cfg = load_shipped("natural").flow.config
         K = cfg.mixtures
-        updates = adapt.from_bytes(c.tiles[0], cfg.levels, cfg.channels, 4 + 6 * K, (3 * K, cfg.prior_hidden))[1]
-        assert len(c.tiles) == 1 and updates
-    assert write(name, updates) == data
+        shape = (3 * K, cfg.prior_hidden) if c.version == 10 else None
+        fitted = adapt.from_bytes(c.tiles[0], cfg.levels, cfg.channels, 4 + 6 * K, shape)[:2]
+        assert len(c.tiles) == 1 and fitted[0] and (c.version == 9 or fitted[1])
+    assert write(name, fitted) == data
 
 
 def test_golden_files_cover_adaptation_tiles_and_alpha():
