@@ -22,7 +22,7 @@ then takes C x (4 + 6K) signed bytes, ordered channel, (a, b, d, t, o_1..o_3K, g
 them in float64 (``_offsets``) and rounds them; the bits depend only on the stored integers, so every decoder
 computes the same.
 
-Version 7 (efforts 8-9) may also update a slot's prior network itself, in its output layer: integers D (C, 3K,
+Version 7 (efforts 7-9) may also update a slot's prior network itself, in its output layer: integers D (C, 3K,
 hidden) change the quantised mixture parameters, before the transforms above, by
 
     q' = q + (sum_i D[c, k, i] * f_i) << (PARAM_FRAC - DELTA_FRAC)
@@ -30,7 +30,7 @@ hidden) change the quantised mixture parameters, before the transforms above, by
 where f_i (0..255) are the net's last hidden activations at that position (``ConvNet.exact(feats=...)``), each
 in its calibrated unit, so D = 1 moves a parameter by at most 255 / 2**DELTA_FRAC. |D| <= DELTA_LIMIT, hidden
 terms: sums of at most 127 * 255 * hidden (below 2**21 for natural's 48), integers on every machine. The
-encoder fits D in float32 (``fit_delta``, charging for its bytes) jointly with stand-ins for the transforms,
+encoder fits D in float64 (``fit_delta``, charging for its size) jointly with stand-ins for the transforms,
 rounds it, fits the transforms on top, and keeps D only where the bits it saves exceed its bytes. A version 7 block
 is: the varint mask, a second varint mask (bit 3l + j: slot j of level l updated), a varint byte count of the rest
 of the block, the parameters as above, then per updated slot in mask order a varint byte count, a byte r (Rice
@@ -47,7 +47,7 @@ import torch
 
 from .container import Reader, write_varint
 from .errors import CorruptFileError
-from .priors import PARAM_FRAC, IntMixture, adapt_int, nll_and_grad, nll_bits, one_thread, quantize
+from .priors import PARAM_FRAC, IntMixture, adapt_int, nll_and_grad, one_thread, quantize
 
 UNIT = 64  # parameters are integers in units of 1/UNIT
 LIMITS = ((-48, 64), (-127, 127), (-48, 64), (-48, 64))  # ranges the encoder searches for a, b, d, t
@@ -64,13 +64,13 @@ OFFSET_LIMIT = 127  # per-component offsets (version 6): integers in units of 1/
 GAIN_LIMITS = (-48, 64)  # per-component gains (version 6), as the 4-parameter factors
 OFFSET_STEPS = 12  # damped Gauss-Newton steps of the offsets' float fit (by default)
 LM_DAMPING = 1e-2  # its first damping, relative to the diagonal
-OFFSET_LR = 0.05  # Adam's rate for the stand-ins of the output updates' fit
 
 DELTA_FRAC = 9  # output updates (version 7): D f in units of 2**-DELTA_FRAC
 DELTA_LIMIT = 127
-DELTA_STEPS = 200  # Adam steps of the output updates' float fit (by default), the rate decaying to 0 (cosine)
-DELTA_LR = 0.15  # in units of D
-DELTA_RATE = 2.0  # the fit's charge for D's bytes, in bits per unit of |D| (about their Rice-coded cost)
+DELTA_STEPS = 20  # damped Gauss-Newton steps of the output updates' float fit (by default)
+DELTA_RIDGE = 2.0  # the fit's charge for D, in bits per unit of D**2 over the slot (an L1 charge made it diverge)
+DELTA_CURVATURE = 4096  # positions whose gradients give that fit's curvature ...
+DELTA_REFRESH = 4  # ... recomputed every this many steps
 DELTA_MIN_SYMBOLS = 1 << 17  # a 3-channel slot of fewer symbols is not updated (``updates_may_pay``)
 
 Params = dict[tuple[int, int], torch.Tensor]  # (level, slot) -> (C, 4) int64, or (C, 4 + 6K) in version 6
@@ -215,11 +215,7 @@ def _offsets(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int, steps: int = O
     with one_thread():  # the same choices at any thread count (on one kind of CPU)
         for _ in range(steps):
             Jt = torch.from_numpy(J)
-            F = torch.bmm(Jt, Jt.transpose(1, 2))
-            diag = torch.diagonal(F, dim1=1, dim2=2)
-            A = F + torch.diag_embed(diag * torch.from_numpy(damp)[:, None] + 1e-9)
-            step = torch.linalg.solve(A, Jt.sum(2, keepdim=True))[:, :, 0].numpy()
-            trial = np.clip(th - step, lo, hi)
+            trial = np.clip(th - _damped_step(torch.bmm(Jt, Jt.transpose(1, 2)), Jt.sum(2).numpy(), damp), lo, hi)
             bits2, J2 = nll(trial)
             ok = bits2 < bits
             th, bits = np.where(ok[:, None], trial, th), np.where(ok, bits2, bits)
@@ -228,6 +224,15 @@ def _offsets(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int, steps: int = O
     o = np.clip(np.round(th[:, : 3 * K] * UNIT), -OFFSET_LIMIT, OFFSET_LIMIT)
     g = np.clip(np.round(th[:, 3 * K :] * UNIT), *GAIN_LIMITS)
     return np.concatenate([o, g], 1).astype(np.int64)
+
+
+def _damped_step(F: torch.Tensor, grad: np.ndarray, damp: np.ndarray, reg: np.ndarray | None = None) -> np.ndarray:
+    """One Levenberg-Marquardt step per stream: curvature F (C, P, P) float64, gradient (C, P), damping (C,)
+    relative to F's diagonal, ``reg`` (P,) a ridge term's curvature -> the step (C, P) to subtract."""
+    add = torch.diagonal(F, dim1=1, dim2=2) * torch.from_numpy(damp)[:, None] + 1e-9
+    if reg is not None:
+        add = add + torch.from_numpy(reg)
+    return torch.linalg.solve(F + torch.diag_embed(add), torch.from_numpy(grad)[:, :, None])[:, :, 0].numpy()
 
 
 def _lengths(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int) -> np.ndarray:
@@ -318,28 +323,55 @@ def fit_delta(
     steps: int = DELTA_STEPS,
 ) -> np.ndarray:
     """Output updates D (C, 3K, hidden) int64 for one slot (version 7) from its passes as for ``fit_slot`` and
-    its last hidden activations f (hidden, n): Adam on the NLL of about ``size`` of its positions plus
-    DELTA_RATE bits per unit of |D| (scaled to the sample), in float32, jointly with per-parameter gains and
-    offsets standing in for the adaptation fitted after it; rounded."""
+    its last hidden activations f (hidden, n): damped Gauss-Newton steps, as ``_offsets`` takes, on the NLL of
+    about ``size`` of its positions plus DELTA_RIDGE bits per unit of D**2 (scaled to the sample), jointly with
+    per-parameter offsets and gains standing in for the adaptation fitted after it; rounded. The curvature comes
+    from the gradients of DELTA_CURVATURE of those positions, in float32, recomputed every DELTA_REFRESH steps."""
     q, z, n = _slot_sample(segments, C, K, size)
-    pick = torch.from_numpy(_subsample(n, size))
-    F_ = f[:, pick].cpu().float() * 2.0**-DELTA_FRAC  # (hidden, m)
-    base = torch.from_numpy(q).double().mul_(2.0**-PARAM_FRAC).float()  # (C, 3K, m)
-    zs = torch.from_numpy(z).float().reshape(1, C, -1, 1)
-    D = torch.zeros(C, 3 * K, f.shape[0], requires_grad=True)
-    o = torch.zeros(C, 3 * K, 1, requires_grad=True)
-    g = torch.zeros(C, 3 * K, 1, requires_grad=True)
-    opt = torch.optim.Adam([{"params": [D], "lr": DELTA_LR}, {"params": [o, g], "lr": OFFSET_LR}])
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    with torch.enable_grad(), one_thread():  # the same choices at any thread count (on one kind of CPU)
-        for _ in range(steps):
-            opt.zero_grad()
-            raw = (base + D @ F_) * (1 + g) + o
-            loss = nll_bits(zs, raw.reshape(1, C * 3 * K, -1, 1), K)
-            (loss + DELTA_RATE * len(pick) / n * D.abs().sum()).backward()
-            opt.step()
-            decay.step()
-    return torch.round(D.detach()).clamp(-DELTA_LIMIT, DELTA_LIMIT).long().numpy()
+    m, K3 = z.shape[1], 3 * K
+    feats = f[:, torch.from_numpy(_subsample(n, size))].cpu().double().numpy() * 2.0**-DELTA_FRAC  # (hidden, m)
+    nD = K3 * feats.shape[0]
+    base = q * 2.0**-PARAM_FRAC
+    zf = z.astype(np.float64)
+    ridge = DELTA_RIDGE * m / n
+    sub = _subsample(m, DELTA_CURVATURE)
+    lo = np.concatenate(
+        [np.full(nD, -DELTA_LIMIT), np.full(K3, -OFFSET_LIMIT / UNIT), np.full(K3, GAIN_LIMITS[0] / UNIT)]
+    )
+    hi = np.concatenate(
+        [np.full(nD, DELTA_LIMIT), np.full(K3, OFFSET_LIMIT / UNIT), np.full(K3, GAIN_LIMITS[1] / UNIT)]
+    )
+    reg = np.concatenate([np.full(nD, 2.0 * ridge), np.zeros(2 * K3)])
+
+    def mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # in torch, so on the one thread below (not NumPy's BLAS)
+        return (torch.from_numpy(x) @ torch.from_numpy(y)).numpy()
+
+    def objective(th: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """The fit's objective (C,), and the NLL's derivatives per symbol by D's rows (before the features),
+        the offsets and the gains, each (C, 3K, m)."""
+        D, o, g = th[:, :nD].reshape(C, K3, -1), th[:, nD : nD + K3, None], th[:, nD + K3 :, None]
+        lin = base + mm(D, feats)
+        bits, dx = nll_and_grad(lin * (1.0 + g) + o, zf, K)
+        return bits + ridge * (D**2).sum((1, 2)), (dx * (1.0 + g), dx, dx * lin)
+
+    th = np.zeros((C, nD + 2 * K3))
+    damp = np.full(C, LM_DAMPING)
+    with one_thread():  # the same choices at any thread count (on one kind of CPU)
+        val, parts = objective(th)
+        for i in range(steps):
+            a, do, dg = parts
+            grad = np.concatenate([mm(a, feats.T).reshape(C, -1) + 2.0 * ridge * th[:, :nD], do.sum(2), dg.sum(2)], 1)
+            if i % DELTA_REFRESH == 0:
+                jd = (a[:, :, None, sub] * feats[None, None, :, sub]).reshape(C, nD, -1)
+                J = torch.from_numpy(np.concatenate([jd, do[:, :, sub], dg[:, :, sub]], 1).astype(np.float32))
+                F = torch.bmm(J, J.transpose(1, 2)).double() * (m / len(sub))
+            trial = np.clip(th - _damped_step(F, grad, damp, reg), lo, hi)
+            val2, parts2 = objective(trial)
+            ok = val2 < val
+            th, val = np.where(ok[:, None], trial, th), np.where(ok, val2, val)
+            parts = tuple(np.where(ok[:, None, None], new, old) for new, old in zip(parts2, parts))
+            damp = np.where(ok, damp / 3.0, damp * 4.0)
+    return np.clip(np.round(th[:, :nD]), -DELTA_LIMIT, DELTA_LIMIT).astype(np.int64).reshape(C, K3, -1)
 
 
 def _zigzag(v: np.ndarray) -> np.ndarray:

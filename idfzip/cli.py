@@ -192,7 +192,7 @@ def _write(dst: Path, data: bytes, force: bool) -> None:
 def _effort(d: dict) -> str:
     """The efforts that write what ``inspect`` found (a file does not record its effort)."""
     if d["layout"] >= 7:
-        return "8-9 (adaptation with offsets and output-layer updates)"
+        return "7-9 (adaptation with offsets and output-layer updates; 8-9 only before 2026-12-07)"
     if d["layout"] == 6:
         return "5-9 (adaptation with offsets)"
     if d["adapted_tiles"]:

@@ -77,12 +77,12 @@ class FitPlan:
 def fit_plan(effort: int) -> FitPlan:
     """Effort 1: no adaptation (fastest encode); 2-3: the search on half the usual sample; 4: the usual search;
     5 (default) and 6: also offsets and gains fitted on 2**12 symbols per stream in 8 and 12 steps (format
-    version 6's blocks); 7: the same in 16 steps; 8-9: offsets and gains on 2**14, and output updates of the
-    slots of at least adapt.DELTA_MIN_SYMBOLS * C / 3 symbols (format version 7), fitted on 2**15 positions in
-    200 and 400 steps. The search stops where a step saves less than 1/4 bit on its sample (adapt.MIN_GAIN), at
-    efforts 7-9 about 1e-3 bits (adapt.FINE_GAIN); it runs on half its sample throughout, at efforts 7-9 its
-    last two steps on all of it (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Decoding costs about the same at every
-    effort."""
+    version 6's blocks); 7: the same in 16 steps, and output updates of the slots of at least
+    adapt.DELTA_MIN_SYMBOLS * C / 3 symbols (format version 7), fitted on 2**15 positions in 20 damped
+    Gauss-Newton steps; 8-9: offsets and gains on 2**14 symbols, updates in 40 and 80 steps. The search stops
+    where a step saves less than 1/4 bit on its sample (adapt.MIN_GAIN), at efforts 7-9 about 1e-3 bits
+    (adapt.FINE_GAIN); it runs on half its sample throughout, at efforts 7-9 its last two steps on all of it
+    (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Decoding costs about the same at every effort."""
     if effort not in EFFORTS:
         raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
     if effort == 1:
@@ -94,9 +94,8 @@ def fit_plan(effort: int) -> FitPlan:
     if effort <= 6:
         return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 8 if effort == 5 else 12)
     fine = {"gain": adapt.FINE_GAIN, "coarse": adapt.FINE_COARSE_STEPS}
-    if effort == 7:
-        return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 16, **fine)
-    return FitPlan(adapt.FIT_SYMBOLS, 1 << 14, 16, 1 << 15, adapt.DELTA_STEPS * (effort - 7), **fine)
+    offsets = 1 << 12 if effort == 7 else 1 << 14
+    return FitPlan(adapt.FIT_SYMBOLS, offsets, 16, 1 << 15, adapt.DELTA_STEPS << (effort - 7), **fine)
 
 
 @dataclass

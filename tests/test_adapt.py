@@ -133,6 +133,24 @@ def test_offsets_find_a_shifted_component():
     assert (adapt._lengths(q, z.long().numpy(), full, K) < adapt._lengths(q, z.long().numpy(), p, K))[0]
 
 
+def test_output_updates_find_a_feature_s_effect():
+    """Symbols whose mean rises by 3 across one hidden feature's range (0..255) on one stream: the fit of the
+    output updates finds D = 3 * 2**DELTA_FRAC / 255 (about 6) for that mean and that feature, and the stream
+    gets cheaper; the other stream, which the prior already fits, and the other features get (nearly) nothing."""
+    K, n, hidden = 1, 40_000, 4
+    g = torch.Generator().manual_seed(2)
+    f = torch.randint(0, 256, (hidden, n), generator=g, dtype=torch.uint8)
+    mu = torch.randn(2, n, generator=g) * 10.0
+    u = torch.rand(2, n, generator=g).clamp(1e-6, 1 - 1e-6)
+    z = torch.round(mu + torch.stack([3.0 * f[0] / 255, torch.zeros(n)]) + torch.log(u / (1 - u)))
+    raws = [torch.stack([torch.zeros(n), mu[c], torch.zeros(n)])[None] for c in range(2)]
+    D = adapt.fit_delta([(z[None], raws)], f, 2, K, n)
+    assert abs(D[0, 1, 0] - 6) <= 1 and np.abs(D).sum() - abs(D[0, 1, 0]) <= 2
+    q, zs, _ = adapt._slot_sample([(z[None], raws)], 2, K, n)
+    none = np.zeros((2, 4), dtype=np.int64)
+    assert (adapt._lengths(q + adapt.delta_q(D, f), zs, none, K) < adapt._lengths(q, zs, none, K))[0]
+
+
 @pytest.fixture(scope="module")
 def tiled_photo(tiny):
     """A 160x96 photo in tiles of 96 (96x96 and 64x96: both large enough to adapt) and its effort-1 file."""
