@@ -53,9 +53,9 @@ def fitted_as(params: adapt.Params, updates: adapt.Deltas):
     """The float fits' integers taken from a file's one tile instead of fitted: each slot's offsets and gains
     from ``params`` ((level, slot) -> (C, 4 + 6K); zeros for a slot it lacks), its output updates from
     ``updates``. Those fits can choose other integers on another kind of CPU: an AMD EPYC with AVX2 chose other
-    offsets for rgb_e7 than the AVX-512 Xeon that wrote it, and effort 8's float32 fit of the updates wrote
-    rgb_e8 in 37,415 bytes on such an EPYC, 37,407 and 37,411 on the Xeon with its AVX-512 and default kernels.
-    All that follows from the integers must be the same everywhere."""
+    offsets for rgb_e7 than the AVX-512 Xeon that wrote it, and effort 8's float32 Adam fit of the updates
+    (before 2026-12-07) wrote rgb_e8 in 37,415 bytes on such an EPYC, 37,407 and 37,411 on the Xeon with its
+    AVX-512 and default kernels. All that follows from the integers must be the same everywhere."""
     flow = load_shipped("natural").flow
     levels = flow.config.levels
     slots = list(dict.fromkeys((s.level, s.slot) for s in reversed(schedule(flow)) if s.level < levels))
