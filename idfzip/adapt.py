@@ -209,21 +209,40 @@ def _offsets(q: np.ndarray, z: np.ndarray, p: np.ndarray, K: int, steps: int = O
         bits, dx = nll_and_grad(base * (1.0 + th[:, 3 * K :, None]) + th[:, : 3 * K, None], zf, K)
         return bits, np.concatenate([dx, dx * base], 1)
 
-    th = np.zeros((C, 6 * K))
-    bits, J = nll(th)
-    damp = np.full(C, LM_DAMPING)
-    with one_thread():  # the same choices at any thread count (on one kind of CPU)
-        for _ in range(steps):
-            Jt = torch.from_numpy(J)
-            trial = np.clip(th - _damped_step(torch.bmm(Jt, Jt.transpose(1, 2)), Jt.sum(2).numpy(), damp), lo, hi)
-            bits2, J2 = nll(trial)
-            ok = bits2 < bits
-            th, bits = np.where(ok[:, None], trial, th), np.where(ok, bits2, bits)
-            J = np.where(ok[:, None, None], J2, J)
-            damp = np.where(ok, damp / 3.0, damp * 4.0)
+    def step(i: int, th: np.ndarray, J: np.ndarray, damp: np.ndarray) -> np.ndarray:
+        Jt = torch.from_numpy(J)
+        return _damped_step(torch.bmm(Jt, Jt.transpose(1, 2)), Jt.sum(2).numpy(), damp)
+
+    th = _damped_fit(np.zeros((C, 6 * K)), nll, step, steps, lo, hi)
     o = np.clip(np.round(th[:, : 3 * K] * UNIT), -OFFSET_LIMIT, OFFSET_LIMIT)
     g = np.clip(np.round(th[:, 3 * K :] * UNIT), *GAIN_LIMITS)
     return np.concatenate([o, g], 1).astype(np.int64)
+
+
+def _damped_fit(th: np.ndarray, objective, step, steps: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Levenberg-Marquardt for C streams at once from parameters th (C, P): ``objective(th)`` -> (value (C,),
+    state: an array or tuple of arrays with C first), ``step(i, th, state, damp)`` -> the i-th step (C, P) to
+    subtract at that point (``_damped_step``). A stream takes a step, kept within [lo, hi], only where it
+    lowers its value, its damping then divided by 3, else multiplied by 4. On one thread, so the same choices
+    at any thread count (on one kind of CPU)."""
+
+    def keep(ok: np.ndarray, new: np.ndarray, old: np.ndarray) -> np.ndarray:
+        return np.where(ok.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+
+    damp = np.full(th.shape[0], LM_DAMPING)
+    with one_thread():
+        val, state = objective(th)
+        for i in range(steps):
+            trial = np.clip(th - step(i, th, state, damp), lo, hi)
+            val2, state2 = objective(trial)
+            ok = val2 < val
+            th, val = keep(ok, trial, th), keep(ok, val2, val)
+            if isinstance(state, tuple):
+                state = tuple(keep(ok, new, old) for new, old in zip(state2, state))
+            else:
+                state = keep(ok, state2, state)
+            damp = np.where(ok, damp / 3.0, damp * 4.0)
+    return th
 
 
 def _damped_step(F: torch.Tensor, grad: np.ndarray, damp: np.ndarray, reg: np.ndarray | None = None) -> np.ndarray:
@@ -343,7 +362,7 @@ def fit_delta(
     )
     reg = np.concatenate([np.full(nD, 2.0 * ridge), np.zeros(2 * K3)])
 
-    def mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # in torch, so on the one thread below (not NumPy's BLAS)
+    def mm(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # in torch, so on _damped_fit's one thread (not NumPy's BLAS)
         return (torch.from_numpy(x) @ torch.from_numpy(y)).numpy()
 
     def objective(th: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
@@ -354,23 +373,18 @@ def fit_delta(
         bits, dx = nll_and_grad(lin * (1.0 + g) + o, zf, K)
         return bits + ridge * (D**2).sum((1, 2)), (dx * (1.0 + g), dx, dx * lin)
 
-    th = np.zeros((C, nD + 2 * K3))
-    damp = np.full(C, LM_DAMPING)
-    with one_thread():  # the same choices at any thread count (on one kind of CPU)
-        val, parts = objective(th)
-        for i in range(steps):
-            a, do, dg = parts
-            grad = np.concatenate([mm(a, feats.T).reshape(C, -1) + 2.0 * ridge * th[:, :nD], do.sum(2), dg.sum(2)], 1)
-            if i % DELTA_REFRESH == 0:
-                jd = (a[:, :, None, sub] * feats[None, None, :, sub]).reshape(C, nD, -1)
-                J = torch.from_numpy(np.concatenate([jd, do[:, :, sub], dg[:, :, sub]], 1).astype(np.float32))
-                F = torch.bmm(J, J.transpose(1, 2)).double() * (m / len(sub))
-            trial = np.clip(th - _damped_step(F, grad, damp, reg), lo, hi)
-            val2, parts2 = objective(trial)
-            ok = val2 < val
-            th, val = np.where(ok[:, None], trial, th), np.where(ok, val2, val)
-            parts = tuple(np.where(ok[:, None, None], new, old) for new, old in zip(parts2, parts))
-            damp = np.where(ok, damp / 3.0, damp * 4.0)
+    curvature = []  # the latest, recomputed every DELTA_REFRESH steps
+
+    def step(i: int, th: np.ndarray, parts: tuple[np.ndarray, ...], damp: np.ndarray) -> np.ndarray:
+        a, do, dg = parts
+        grad = np.concatenate([mm(a, feats.T).reshape(C, -1) + 2.0 * ridge * th[:, :nD], do.sum(2), dg.sum(2)], 1)
+        if i % DELTA_REFRESH == 0:
+            jd = (a[:, :, None, sub] * feats[None, None, :, sub]).reshape(C, nD, -1)
+            J = torch.from_numpy(np.concatenate([jd, do[:, :, sub], dg[:, :, sub]], 1).astype(np.float32))
+            curvature[:] = [torch.bmm(J, J.transpose(1, 2)).double() * (m / len(sub))]
+        return _damped_step(curvature[0], grad, damp, reg)
+
+    th = _damped_fit(np.zeros((C, nD + 2 * K3)), objective, step, steps, lo, hi)
     return np.clip(np.round(th[:, :nD]), -DELTA_LIMIT, DELTA_LIMIT).astype(np.int64).reshape(C, K3, -1)
 
 
