@@ -354,6 +354,7 @@ def fit_delta(
     zf = z.astype(np.float64)
     ridge = DELTA_RIDGE * m / n
     sub = _subsample(m, DELTA_CURVATURE)
+    fsub = feats[:, sub]
     lo = np.concatenate(
         [np.full(nD, -DELTA_LIMIT), np.full(K3, -OFFSET_LIMIT / UNIT), np.full(K3, GAIN_LIMITS[0] / UNIT)]
     )
@@ -379,8 +380,11 @@ def fit_delta(
         a, do, dg = parts
         grad = np.concatenate([mm(a, feats.T).reshape(C, -1) + 2.0 * ridge * th[:, :nD], do.sum(2), dg.sum(2)], 1)
         if i % DELTA_REFRESH == 0:
-            jd = (a[:, :, None, sub] * feats[None, None, :, sub]).reshape(C, nD, -1)
-            J = torch.from_numpy(np.concatenate([jd, do[:, :, sub], dg[:, :, sub]], 1).astype(np.float32))
+            J = np.empty((C, nD + 2 * K3, len(sub)), dtype=np.float32)  # filled a channel at a time (memory)
+            for c in range(C):
+                J[c, :nD] = (a[c][:, None, sub] * fsub[None]).reshape(nD, -1)
+            J[:, nD : nD + K3], J[:, nD + K3 :] = do[:, :, sub], dg[:, :, sub]
+            J = torch.from_numpy(J)
             curvature[:] = [torch.bmm(J, J.transpose(1, 2)).double() * (m / len(sub))]
         return _damped_step(curvature[0], grad, damp, reg)
 
