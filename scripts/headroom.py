@@ -2,14 +2,17 @@
 Adam fits a chosen part of its weights to that image alone (no charge for sending them), against what the
 codec's own adaptation gains on the same image (the file at effort 1, no adaptation, against effort 8).
 
-    python scripts/headroom.py IMAGE [--model NAME] [--parts out,priors,couplings] [--steps 60]
+    python scripts/headroom.py IMAGE [--model NAME] [--parts out,out0,biases,priors,couplings] [--steps 60]
 
-Parts: ``out`` the output layers of every prior network (what the codec's offsets, gains and output updates
-stand in for), ``biases`` those and every prior layer's biases, ``priors`` every weight of every prior network, ``couplings`` the flow's couplings (and the
-colour transform). Each part is fitted from the shipped weights on its own. The float training path's code
-length (``HierarchicalIDF.forward``, straight-through rounding) is an estimate: the integer model codes within
-about 0.01% of it, and the fit's weights are not rounded to anything a file could carry. Slow: each step runs
-the whole model forwards and backwards (about 2-3 s for a 768x512 image on 2 cores).
+Parts, each fitted from the shipped weights on its own:
+    out        the output layers of every prior network (what the codec's offsets, gains and updates stand in for)
+    out0       level 0's only
+    biases     the output layers and every prior layer's biases
+    priors     every weight of every prior network
+    couplings  the flow's couplings and colour transform
+The code length is the float training path's (``HierarchicalIDF.forward``, straight-through rounding), an
+estimate: kodim01's effort 1 file is 0.05% larger. The fitted weights are not rounded to anything a file could
+carry. Slow: each step runs the whole model forwards and backwards, 2-5 s for a 768x512 image on 2 cores.
 """
 
 import argparse
@@ -25,11 +28,12 @@ from idfzip import zoo
 
 PARTS = {
     "out": lambda name, net_out: name.startswith("priors.") and name.startswith(net_out),
+    "out0": lambda name, net_out: name.startswith("priors.0.") and name.startswith(net_out),
     "biases": lambda name, net_out: name.startswith("priors.") and (name.startswith(net_out) or name.endswith(".bias")),
     "priors": lambda name, _: name.startswith("priors."),
     "couplings": lambda name, _: name.startswith(("couplings.", "color.")),
 }
-LR = {"out": 3e-3, "biases": 3e-3, "priors": 1e-3, "couplings": 1e-3}
+LR = {"out": 3e-3, "out0": 3e-3, "biases": 3e-3, "priors": 1e-3, "couplings": 1e-3}
 
 
 def fit_part(flow, x: torch.Tensor, part: str, steps: int) -> tuple[float, float, int]:
