@@ -65,18 +65,16 @@ def fit_part(flow, x: torch.Tensor, part: str, steps: int) -> tuple[float, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image")
-    ap.add_argument("--model", default=None, help="default: natural for colour images, grey for grey ones")
+    ap.add_argument("--model", default=None, help="default: grey for L and LA images, else natural")
     ap.add_argument("--parts", default="out,priors")
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
     im = Image.open(args.image)
     im.load()
-    grey = im.mode in ("L", "LA", "I;16", "I") or (args.model or "").startswith("grey")
-    im = im.convert("L" if grey else "RGB")
-    model = zoo.load(args.model or ("grey" if grey else "natural"))
+    model = zoo.load(args.model or ("grey" if im.mode in ("L", "LA") else "natural"))
+    im = im.convert("L" if model.flow.config.channels == 1 else "RGB")
     files = {e: len(idfzip.compress(im, effort=e, model=model.path)) for e in (1, 8)}
-    a = np.asarray(im)
-    a = a[:, :, None] if a.ndim == 2 else a
+    a = np.atleast_3d(np.asarray(im))
     m = model.flow.multiple
     h, w = a.shape[0] // m * m, a.shape[1] // m * m
     x = torch.from_numpy(a[:h, :w].astype(np.float32)).permute(2, 0, 1)[None]
