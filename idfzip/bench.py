@@ -14,7 +14,9 @@ those first, so that all codecs see the same sub-pixels). Images with more than 
 
 Baselines (``pip install idfzip[bench]``): PNG (Pillow, optimize, level 9), WebP lossless (Pillow, method 6),
 JPEG 2000 reversible 5/3 with the reversible colour transform (imagecodecs/OpenJPEG), JPEG-LS (imagecodecs/
-CharLS), JPEG-XL lossless at effort 7 (imagecodecs/libjxl). A codec this machine lacks is reported as skipped.
+CharLS), JPEG-XL lossless at effort 7 (imagecodecs/libjxl), and when asked for (``jpegxl9``) at effort 9. A codec
+this machine lacks is reported as skipped. idfzip's row is the product as a user gets it (tiles where WebP is smaller
+coded as WebP, format version 11); the summary says how many tiles took each path.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from .imagefile import Source, find_images
 from .planes import same_image
 from .zoo import Model
 
-CODECS = ("png", "webp", "jpeg2000", "jpegls", "jpegxl")
+CODECS = ("png", "webp", "jpeg2000", "jpegls", "jpegxl", "jpegxl9")
+DEFAULT_COMPARE = CODECS[:5]  # jpegxl9 only when asked for: it is slow
+PATHS = ("flow_tiles", "webp_tiles", "whole_images")  # tiles the flow coded, tiles WebP coded, images stored whole
 JPEGXL_EFFORT = 7
+JPEGXL_MAX_EFFORT = 9  # jpegxl9's
 LABELS = {
     "idfzip": "idfzip",
     "png": "PNG (level 9)",
@@ -46,6 +51,7 @@ LABELS = {
     "jpeg2000": "JPEG 2000 (5/3)",
     "jpegls": "JPEG-LS",
     "jpegxl": f"JPEG-XL (e{JPEGXL_EFFORT})",
+    "jpegxl9": f"JPEG-XL (e{JPEGXL_MAX_EFFORT})",
 }
 BENCH_MODES = {"L", "LA", "RGB", "RGBA"}
 
@@ -90,10 +96,11 @@ def _imagecodecs(name: str):
         return encode, imagecodecs.jpeg2k_decode
     if name == "jpegls":
         return (lambda a: imagecodecs.jpegls_encode(a, level=0)), imagecodecs.jpegls_decode
-    if name == "jpegxl":
+    if name in ("jpegxl", "jpegxl9"):
+        effort = JPEGXL_EFFORT if name == "jpegxl" else JPEGXL_MAX_EFFORT
 
         def encode(a):
-            return imagecodecs.jpegxl_encode(a, lossless=True, effort=JPEGXL_EFFORT, numthreads=1)
+            return imagecodecs.jpegxl_encode(a, lossless=True, effort=effort, numthreads=1)
 
         return encode, imagecodecs.jpegxl_decode
     raise ValueError(name)
@@ -109,7 +116,7 @@ def baseline(name: str):
         if not features.check("webp"):
             raise RuntimeError("Pillow was built without WebP")
         return _pillow("WEBP", lossless=True, quality=100, method=6, exact=True)
-    if name in ("jpeg2000", "jpegls", "jpegxl"):
+    if name in ("jpeg2000", "jpegls", "jpegxl", "jpegxl9"):
         return _imagecodecs(name)
     raise ValueError(f"unknown codec {name!r} (known: {', '.join(CODECS)})")
 
@@ -151,6 +158,7 @@ class Result:
     model_name: str
     model_sha256: str
     effort: int = codec.DEFAULT_EFFORT
+    flow_only: bool = False
     images: list[dict] = field(default_factory=list)
     subpixels: int = 0
     nll_bits: float = 0.0
@@ -160,6 +168,7 @@ class Result:
     skipped: dict[str, str] = field(default_factory=dict)
     skipped_images: dict[str, str] = field(default_factory=dict)
     others: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the models that coded other kinds
+    paths: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))  # how idfzip coded the pixels
 
     @property
     def process_images(self) -> list[dict]:
@@ -179,6 +188,7 @@ class Result:
             "model": {"name": self.model_name, "sha256": self.model_sha256},
             "other_models": {name: {"sha256": sha} for name, sha in self.others.items()},
             "effort": self.effort,
+            "flow_only": self.flow_only,
             "images": self.images,
             "total": {
                 "images": len(self.images),
@@ -207,6 +217,7 @@ class Result:
                 for k, t in self.baselines.items()
             },
             "skipped": {"codecs": self.skipped, "images": self.skipped_images},
+            "paths": self.paths,
         }
 
     def rows(self) -> list[tuple[str, float, float | None, float, float, bool]]:
@@ -229,7 +240,13 @@ class Result:
         lines.append(
             f"{len(self.images)} images, {self.subpixels:,} sub-pixels; model {self.model_name} "
             f"({self.model_sha256[:16]}){''.join(f', {n} ({h[:16]})' for n, h in self.others.items())}, "
-            f"effort {self.effort}, NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
+            f"effort {self.effort}{', flow only' if self.flow_only else ''}, "
+            f"NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
+        )
+        p = self.paths
+        lines.append(
+            f"idfzip's paths: {p['flow_tiles']} tiles by the flow, {p['webp_tiles']} as WebP; "
+            f"{p['whole_images']} image{'s' * (p['whole_images'] != 1)} stored whole classically"
         )
         if self.process_subpixels:
             mb, p = self.process_subpixels / 1e6, self.process
@@ -256,16 +273,18 @@ def _timed(fn, *args):
 def run(
     sources: Iterable[Source],
     model: Model,
-    compare: Iterable[str] = CODECS,
+    compare: Iterable[str] = DEFAULT_COMPARE,
     device: str = "cpu",
     progress: Callable[[dict | None], None] | None = None,
     process: int = 0,
     effort: int = codec.DEFAULT_EFFORT,
+    flow_only: bool = False,
 ) -> Result:
     """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` at ``effort`` and the
     baselines; the first ``process`` images also as whole CLI processes. ``progress`` gets each image's record
-    once it is done (None for an image skipped)."""
-    res = Result(model.name, model.sha256.hex(), effort)
+    once it is done (None for an image skipped). ``flow_only``: idfzip codes every tile by the model, never WebP
+    (a measure of the model, not of the product)."""
+    res = Result(model.name, model.sha256.hex(), effort, flow_only)
     codecs = {}
     for name in compare:
         fns, why = _probe(name)
@@ -282,7 +301,8 @@ def run(
             if progress:
                 progress(None)
             continue
-        (data, stats), enc_s = _timed(codec.compress_with_stats, im, model, codec.DEFAULT_TILE, device, None, effort)
+        args = (im, model, codec.DEFAULT_TILE, device, None, effort, flow_only)
+        (data, stats), enc_s = _timed(codec.compress_with_stats, *args)
         try:
             back, dec_s = _timed(codec.decompress, data, model, device)
             exact = same_image(back, im)
@@ -294,6 +314,9 @@ def run(
         res.subpixels += n
         nll = stats.nll_bits or 8.0 * len(data)  # an image without colour part has no model: its file is its code
         res.nll_bits += nll
+        res.paths["flow_tiles"] += stats.tiles - stats.classical_tiles
+        res.paths["webp_tiles"] += stats.classical_tiles
+        res.paths["whole_images"] += not stats.tiles
         o = res.ours
         o.bytes += len(data)
         o.encode_s += enc_s
@@ -308,13 +331,15 @@ def run(
                 "bytes": len(data),
                 "bpd": 8.0 * len(data) / n,
                 "nll_bpd": nll / n,
+                "tiles": stats.tiles,
+                "webp_tiles": stats.classical_tiles,
                 "encode_s": enc_s,
                 "decode_s": dec_s,
                 "exact": exact,
             }
         )
         if len(res.images) <= process:
-            _whole_processes(res, im, data, model, device, effort)
+            _whole_processes(res, im, data, model, device, effort, flow_only)
         a = np.asarray(im)
         theirs = res.images[-1]["baselines"] = {}
         for name, (enc, dec) in codecs.items():
@@ -333,7 +358,9 @@ def run(
     return res
 
 
-def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, device: str, effort: int) -> None:
+def _whole_processes(
+    res: Result, im: Image.Image, data: bytes, model: Model, device: str, effort: int, flow_only: bool
+) -> None:
     """Time ``idfzip compress`` and ``idfzip decompress`` of ``im`` as new processes (same model, device and
     thread count) and check them against the in-process file ``data``; adds to the last image's record."""
     import torch
@@ -343,7 +370,7 @@ def _whole_processes(res: Result, im: Image.Image, data: bytes, model: Model, de
         src, packed, back = Path(d, "in.png"), Path(d, "in.idfz"), Path(d, "back.png")
         im.save(src)
         times = []
-        compress = ["compress", *shared, "-e", str(effort), "-q", "-o", packed, src]
+        compress = ["compress", *shared, "-e", str(effort), *["--flow-only"] * flow_only, "-q", "-o", packed, src]
         for args in (compress, ["decompress", *shared, "-o", back, packed]):
             t = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "idfzip.cli", *map(str, args)], capture_output=True, text=True)

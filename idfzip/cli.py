@@ -434,11 +434,18 @@ def _check_rm(keep: bool, rm: bool, pairs) -> None:
     show_default=True,
     help="1 fastest .. 9 smallest: how hard the encoder fits the model to each image (decoding costs the same).",
 )
+@click.option(
+    "--flow-only",
+    is_flag=True,
+    help="Code every tile with the model, also where lossless WebP would be smaller (to measure the model).",
+)
 @click.option("--verify", is_flag=True, help="Decode the result and confirm it is identical before writing it.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print the coding method, model NLL and time.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def compress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, tile, effort, verify, verbose):
+def compress(
+    ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, tile, effort, flow_only, verify, verbose
+):
     """Compress images to .idfz (INPUT.png -> INPUT.idfz; '-': stdin to stdout)."""
     pairs = _targets(_expand(inputs, recursive, IMAGE_SUFFIXES), output, out_dir, to_stdout, lambda s: ".idfz")
     _check_rm(keep, rm, pairs)
@@ -456,7 +463,7 @@ def compress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive
         t0 = time.perf_counter()
         with _progress(im.width * im.height, labels[src], verbose) as bar:
             out, st = codec.compress_with_stats(
-                im, ctx.obj["model"], tile=tile, device=ctx.obj["device"], progress=bar.update, effort=effort
+                im, ctx.obj["model"], tile, ctx.obj["device"], bar.update, effort, flow_only
             )
         dt = time.perf_counter() - t0
         if verify:
@@ -605,7 +612,12 @@ def info(inputs, as_json, quiet, verbose):
         ]
         if d["tiles"]:
             grid = "1 (the whole image)" if d["tiles"] == 1 else f"{d['tiles']} of {d['tile']}x{d['tile']}"
-            lines.append(f"tiles:       {grid}, {d['flow_bytes']} bytes")
+            lines.append(f"tiles:       {grid}, {d['flow_bytes']} bytes by the flow")
+            if d["classical_tiles"]:
+                n = d["classical_tiles"]
+                lines.append(
+                    f"WebP tiles:  {n} of {d['tiles']} (coded classically, smaller there), {d['classical_bytes']} bytes"
+                )
             if d["adapted_tiles"]:
                 how = "4 numbers and per-component offsets" if d["layout"] >= 6 else "4 numbers"
                 lines.append(
@@ -738,9 +750,9 @@ def train(
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option(
     "--compare",
-    default=",".join(("png", "webp", "jpeg2000", "jpegls", "jpegxl")),
+    default="png,webp,jpeg2000,jpegls,jpegxl",
     show_default=True,
-    help="Baseline codecs, comma-separated ('' or none: no baselines).",
+    help="Baseline codecs, comma-separated ('' or none: no baselines; jpegxl9: JPEG-XL at effort 9, slow).",
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full results as JSON here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG chart here (needs matplotlib).")
@@ -755,11 +767,14 @@ def train(
 @click.option(
     "-e", "--effort", type=click.IntRange(1, 9), default=DEFAULT_EFFORT, show_default=True, help="idfzip's effort."
 )
+@click.option(
+    "--flow-only", is_flag=True, help="idfzip codes every tile with the model, never WebP (measures the model)."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar: the table (and errors) only.")
 @click.option("-v", "--verbose", is_flag=True, help="Also a line per image as it is done.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, quiet, verbose):
+def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, flow_only, quiet, verbose):
     """Bits per sub-pixel and speed of idfzip beside classical codecs, on PATHS (folders, images, zips)."""
     import json
 
@@ -794,7 +809,7 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, qui
             )
 
     with bar:
-        res = bm.run(sources, model, names, ctx.obj["device"], progress=progress, process=process, effort=effort)
+        res = bm.run(sources, model, names, ctx.obj["device"], progress, process, effort, flow_only)
     if not res.images:
         raise IdfzipError("no image could be benchmarked (" + "; ".join(res.skipped_images.values()) + ")")
     click.echo(res.table())

@@ -23,7 +23,9 @@ from .container import (
     MAX_PIXELS,
     MAX_SIDE,
     MAX_TILE,
+    MIXED,
     MODEL_HASH_BYTES,
+    REST_WEBP,
     SPLIT,
     Container,
     layout,
@@ -37,8 +39,10 @@ from .planes import (
     as_image,
     colour_image,
     decode_rest,
+    decode_vp8l,
     encode_meta,
     encode_rest,
+    encode_vp8l,
     merge,
     rest_mode,
     signature,
@@ -47,7 +51,7 @@ from .planes import (
 from .priors import FloatMixture, IntMixture
 from .zoo import Model, default_model, is_shipped, load, load_by_hash, load_shipped, with_device
 
-DEFAULT_TILE = 1024
+DEFAULT_TILE = 256  # small enough that WebP can take a smooth sky or a flat background tile by tile
 SMALL_IMAGE = 64 * 64  # colour parts (RGB, L) up to this many pixels also try the classical coding and keep the smaller
 THIN = 16  # so do images narrower or shorter than this: padding to the model's multiple wastes most of the work
 
@@ -57,6 +61,8 @@ Progress = Callable[[float], None] | None  # called with the pixels done since t
 EFFORTS = range(1, 10)
 DEFAULT_EFFORT = 5
 FEW_OFFSETS = 1 << 16  # pixels: an image this small is also coded without offsets (efforts 5-9), the smaller kept
+WEBP_QUICK = 4  # the WebP method every tile is also coded with (about 1 s per megapixel) ...
+WEBP_CLOSE = 1.1  # ... and at efforts 5-9 with method 6 too (4-8 s) where that comes within this factor of the flow
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class FitPlan:
     delta_steps: int = 0
     gain: int = adapt.MIN_GAIN  # the search's least saving per step (idfzip.adapt._pattern) ...
     coarse: int = adapt.COARSE_STEPS  # ... and its steps on half the sample (idfzip.adapt._search)
+    webp: int = 6  # the WebP method tried for a tile whose quick WebP comes close to the flow (WEBP_QUICK: none)
 
 
 def fit_plan(effort: int) -> FitPlan:
@@ -82,15 +89,17 @@ def fit_plan(effort: int) -> FitPlan:
     Gauss-Newton steps; 8-9: offsets and gains on 2**14 symbols, updates in 40 and 80 steps. The search stops
     where a step saves less than 1/4 bit on its sample (adapt.MIN_GAIN), at efforts 7-9 about 1e-3 bits
     (adapt.FINE_GAIN); it runs on half its sample throughout, at efforts 7-9 its last two steps on all of it
-    (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Decoding costs about the same at every effort."""
+    (adapt.COARSE_STEPS, FINE_COARSE_STEPS). Every tile is also coded with WebP's quick method (WEBP_QUICK), and
+    at efforts 5-9 with its slowest where that comes close to the flow. Decoding costs about the same at every
+    effort."""
     if effort not in EFFORTS:
         raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
     if effort == 1:
-        return FitPlan(0)
+        return FitPlan(0, webp=WEBP_QUICK)
     if effort <= 3:
-        return FitPlan(adapt.FIT_SYMBOLS // 2)
+        return FitPlan(adapt.FIT_SYMBOLS // 2, webp=WEBP_QUICK)
     if effort == 4:
-        return FitPlan(adapt.FIT_SYMBOLS)
+        return FitPlan(adapt.FIT_SYMBOLS, webp=WEBP_QUICK)
     if effort <= 6:
         return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 8 if effort == 5 else 12)
     fine = {"gain": adapt.FINE_GAIN, "coarse": adapt.FINE_COARSE_STEPS}
@@ -109,6 +118,8 @@ class Stats:
     subpixels: int = 0
     method: str = ""
     model_sha256: bytes = b""  # of the model that coded the colour part, if one did
+    tiles: int = 0  # the colour part's tiles (0: stored classically whole) ...
+    classical_tiles: int = 0  # ... and how many of them are WebP, not the flow
 
     @property
     def bpd(self) -> float:
@@ -373,6 +384,34 @@ def _decode_tile(
     return x[0, :, :h, :w].permute(1, 2, 0).numpy().astype(np.uint8)
 
 
+@dataclass
+class Coded:
+    """A colour part coded tile by tile: the tile streams, which of them are classical (VP8L streams; empty: none),
+    whether the flow's streams start with adaptation blocks, the format version they need, and the flow's ideal
+    code length in bits (of every tile, also those kept classical)."""
+
+    tiles: list[bytes]
+    classical: list[bool]
+    adapted: bool
+    version: int
+    bits: float
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.tiles))
+
+
+def _classical_tile(pixels: np.ndarray, flow_bytes: int, plan: FitPlan) -> bytes | None:
+    """A tile's VP8L stream where it may be smaller than the flow's ``flow_bytes``: WebP's quick method decides
+    whether its slowest (``plan.webp``) is worth trying."""
+    im = colour_image(pixels)
+    quick = encode_vp8l(im, WEBP_QUICK)
+    if quick is None or len(quick) > WEBP_CLOSE * flow_bytes or plan.webp <= WEBP_QUICK:
+        return quick
+    full = encode_vp8l(im, plan.webp)
+    return full if full is not None and len(full) < len(quick) else quick
+
+
 def _encode_colour(
     model: Model,
     colour: np.ndarray,
@@ -381,28 +420,48 @@ def _encode_colour(
     version: int,
     plan: FitPlan,
     progress: Progress,
-) -> tuple[list[bytes], bool, int, float]:
-    """(tile streams, whether they start with adaptation blocks, the format version they need, ideal code
-    length in bits): ``version``, or the one with layout 6 where the blocks hold offsets, 7 where some also hold
-    output updates (9 and 10 with split windows)."""
+) -> Coded:
+    """The colour part's tiles, each by the flow or classically (a VP8L stream), whichever is smaller, in format
+    ``version``, or the one with layout 6 where the flow's adaptation blocks hold offsets, 7 where some also hold
+    output updates (9 and 10 with split windows), and 11-13 (``MIXED`` more) where some tile is classical."""
     h, w = colour.shape[:2]
     coded, bits = [], 0.0
     for x, y, tw, th in _tiles(w, h, tile):
         params, deltas, s, b = _encode_tile(model, colour[y : y + th, x : x + tw], device, version, plan, progress)
         coded.append((params, deltas, s))
         bits += b
-    # the blocks are stored only when some tile is adapted; then every tile has one (an unadapted: 1 byte)
-    if not any(params or deltas for params, deltas, _ in coded):
-        return [s for _, _, s in coded], False, version, bits
     C = model.flow.config.channels
-    base = 7 if any(deltas for _, deltas, _ in coded) else 6 if plan.offsets else layout(version)
-    tiles = [adapt.to_bytes(params, C, deltas if base >= 7 else None) + s for params, deltas, s in coded]
+
+    def streams(flow: list[bool]) -> tuple[list[bytes], bool, int]:
+        """The flow's streams of the tiles marked in ``flow``, whether they have adaptation blocks, their layout:
+        the blocks are stored only when some such tile is adapted; then every one has one (an unadapted: 1 byte)."""
+        kept = [t for t, f in zip(coded, flow) if f]
+        if not any(params or deltas for params, deltas, _ in kept):
+            return [s for _, _, s in kept], False, layout(version)
+        base = 7 if any(deltas for _, deltas, _ in kept) else 6 if plan.offsets else layout(version)
+        return [adapt.to_bytes(params, C, deltas if base >= 7 else None) + s for params, deltas, s in kept], True, base
+
+    flow, adapted, base = streams([True] * len(coded))
+    classical = [None] * len(coded)
+    if version >= FLOW_VERSION and plan.webp:  # (files of version 4 have no classical tiles)
+        for i, (x, y, tw, th) in enumerate(_tiles(w, h, tile)):
+            classical[i] = _classical_tile(colour[y : y + th, x : x + tw], len(flow[i]), plan)
+    marks = [v is not None and len(v) < len(f) for v, f in zip(classical, flow)]
+    if any(marks):
+        flow, adapted, base = streams([not m for m in marks])
+        kept = iter(flow)
+        tiles = [classical[i] if m else next(kept) for i, m in enumerate(marks)]
+    else:
+        tiles, marks = flow, []
+    out = Coded(
+        tiles, marks, adapted, base + (SPLIT if split_windows(version) else 0) + (MIXED if any(marks) else 0), bits
+    )
     if base == 6 and h * w <= FEW_OFFSETS:  # the offsets' bytes may outweigh what they save: try without
         plain = replace(plan, offsets=0, steps=0, delta=0, delta_steps=0)  # (so version 8's blocks)
         alt = _encode_colour(model, colour, tile, device, version, plain, None)
-        if sum(map(len, alt[0])) < sum(map(len, tiles)):
+        if alt.size < out.size:
             return alt
-    return tiles, True, base + (SPLIT if split_windows(version) else 0), bits
+    return out
 
 
 def _given(model: str | Model | None, channels: int | None, device: str) -> Model | None:
@@ -418,6 +477,16 @@ def _flow_model(model: str | Model | None, channels: int, device: str) -> Model:
     return _given(model, channels, device) or with_device(load(default_model(channels)), device)
 
 
+def _stored_whole(im: Image.Image, c: Container, webp: bool) -> bytes:
+    """The file of ``im`` stored classically, whole, as the rest part (with ``webp`` WebP too: then format version
+    11)."""
+    whole = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
+    whole.rest_method, whole.rest = encode_rest(im, webp)
+    if whole.rest_method == REST_WEBP:
+        whole.version = FLOW_VERSION + MIXED
+    return whole.to_bytes()
+
+
 def compress_with_stats(
     image,
     model: str | Model | None = None,
@@ -425,10 +494,15 @@ def compress_with_stats(
     device: str = "cpu",
     progress: Progress = None,
     effort: int = DEFAULT_EFFORT,
+    flow_only: bool = False,
 ) -> tuple[bytes, Stats]:
     """Compress ``image`` (PIL image or numpy array); return the .idfz bytes and what was measured.
-    ``effort`` 1..9 (``EFFORTS``): how hard the encoder fits each tile's prior adaptation (idfzip.adapt)."""
+    ``effort`` 1..9 (``EFFORTS``): how hard the encoder fits each tile's prior adaptation (idfzip.adapt).
+    ``flow_only``: no tile and no whole colour image is coded with WebP, whatever that would save (the flow's own
+    files, as before format version 11: for measuring the model)."""
     plan = fit_plan(effort)
+    if flow_only:
+        plan = replace(plan, webp=0)
     im = as_image(image)
     im.load()
     if not (1 <= im.width <= MAX_SIDE and 1 <= im.height <= MAX_SIDE) or im.width * im.height > MAX_PIXELS:
@@ -442,7 +516,7 @@ def compress_with_stats(
     c = Container(im.mode, im.width, im.height, crc32=signature(im, meta), meta=meta or None)
     colour, rest = split(im)
     stats = Stats(subpixels=subpixels(im))
-    classical = None  # the file's bytes with the whole image coded classically, where that is tried
+    stored = None  # the file's bytes with the whole image coded classically, where that is tried
     # one colour everywhere: the flow would still spend coding.MIN_SYMBOL_BITS per sub-pixel, the classical
     # coding (a constant) a few bytes, so only that is written
     flat = colour is not None and bool((colour == colour[:1, :1]).all())
@@ -450,14 +524,12 @@ def compress_with_stats(
     # small part of the flow's time (files of grey images were never larger than their PNG before the flow)
     small = im.width * im.height <= SMALL_IMAGE or min(im.width, im.height) < THIN
     if colour is not None and (flat or small or colour.shape[2] == 1):
-        whole = Container(im.mode, im.width, im.height, crc32=c.crc32, meta=c.meta)
-        whole.rest_method, whole.rest = encode_rest(im)
-        classical = whole.to_bytes()
+        stored = _stored_whole(im, c, not flow_only)
     # a flow-coded file holds at least its header with a shipped model's hash and one 4-byte word of stream:
     # where the classical coding is no larger, the model is not even loaded
     floor = Container(im.mode, im.width, im.height, model_name="", model_hash=bytes(MODEL_HASH_BYTES), meta=c.meta)
     floor.tiles = [bytes(4)] * (floor.tiles_x * floor.tiles_y)
-    if colour is not None and not flat and not (classical is not None and len(classical) <= len(floor.to_bytes())):
+    if colour is not None and not flat and not (stored is not None and len(stored) <= len(floor.to_bytes())):
         mdl = _flow_model(model, colour.shape[2], device)
         m = mdl.flow.multiple
         if tile < m or tile % m:
@@ -471,27 +543,38 @@ def compress_with_stats(
         c.version = FLOW_VERSION if mdl.flow.integer else 4
         if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only (the same search)
             plan = replace(plan, offsets=0, steps=0, delta=0, delta_steps=0)
-        c.tiles, c.adapted, c.version, stats.nll_bits = _encode_colour(
-            mdl, colour, c.tile_side, device, c.version, plan, progress
-        )
-        stats.flow_bytes = sum(len(t) for t in c.tiles)
+        coded = _encode_colour(mdl, colour, c.tile_side, device, c.version, plan, progress)
+        c.tiles, c.classical, c.adapted, c.version = coded.tiles, coded.classical, coded.adapted, coded.version
+        stats.nll_bits, stats.tiles, stats.classical_tiles = coded.bits, len(c.tiles), sum(c.classical)
+        stats.flow_bytes = sum(len(t) for t in c.flow_tiles)
         stats.method, stats.model_sha256 = f"flow:{mdl.name}", mdl.sha256
+        if stats.classical_tiles == stats.tiles and stored is None:  # the flow kept no tile: WebP of the whole
+            stored = _stored_whole(im, c, True)  # image may be smaller than WebP of each tile
     if rest is not None and not flat:
         c.rest_method, c.rest = encode_rest(rest)
         if not c.tiles:
             stats.method = "classical"
     data = None if flat else c.to_bytes()
-    if classical is not None and (data is None or len(classical) < len(data)):  # (nll_bits: still the model's NLL)
-        data, stats.method, stats.flow_bytes, stats.model_sha256 = classical, "classical", 0, b""
+    if stored is not None and (data is None or len(stored) < len(data)):  # (nll_bits: still the model's NLL)
+        data, stats.method, stats.flow_bytes, stats.model_sha256 = stored, "classical", 0, b""
+        stats.tiles = stats.classical_tiles = 0
+    elif stats.classical_tiles:
+        stats.method += f", {stats.classical_tiles} of {stats.tiles} tiles WebP"
     stats.bytes = len(data)
     return data, stats
 
 
 def compress(
-    image, model: str | Model | None = None, tile: int = DEFAULT_TILE, device: str = "cpu", effort: int = DEFAULT_EFFORT
+    image,
+    model: str | Model | None = None,
+    tile: int = DEFAULT_TILE,
+    device: str = "cpu",
+    effort: int = DEFAULT_EFFORT,
+    flow_only: bool = False,
 ) -> bytes:
-    """Compress a PIL image or numpy array to .idfz bytes; ``effort`` 1..9 trades encoding time for size."""
-    return compress_with_stats(image, model, tile, device, effort=effort)[0]
+    """Compress a PIL image or numpy array to .idfz bytes; ``effort`` 1..9 trades encoding time for size;
+    ``flow_only`` codes every colour tile by the flow, never WebP (see ``compress_with_stats``)."""
+    return compress_with_stats(image, model, tile, device, effort=effort, flow_only=flow_only)[0]
 
 
 def decompress(
@@ -522,10 +605,13 @@ def decompress(
 def _decode(c: Container, model: str | Model | None, device: str, progress: Progress) -> Image.Image:
     colour = rest = None
     if c.tiles:
-        mdl = _model_for(c, model, device)
-        colour = np.empty((c.height, c.width, mdl.flow.config.channels), dtype=np.uint8)
-        for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
-            colour[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress)
+        channels, mdl = _colour_channels(c, model, device)
+        colour = np.empty((c.height, c.width, channels), dtype=np.uint8)
+        for i, ((x, y, tw, th), t) in enumerate(zip(_tiles(c.width, c.height, c.tile_side), c.tiles)):
+            if c.is_classical(i):
+                colour[y : y + th, x : x + tw] = _decode_classical(t, tw, th, channels, progress)
+            else:
+                colour[y : y + th, x : x + tw] = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress)
     if c.rest is not None:
         rmode = rest_mode(c.mode) if c.tiles or c.mode in ("P", "PA") else c.mode
         rest = decode_rest(c.rest_method, c.rest, rmode, (c.width, c.height))
@@ -548,18 +634,43 @@ def _preview(c: Container, model, device: str, progress: Progress, k: int) -> Im
         im = decompress(c.to_bytes())
         im = im.convert("RGBA" if "A" in im.getbands() else "L" if im.getbands() == ("L",) else "RGB")
         return im.reduce(1 << k)
-    mdl = _model_for(c, model, device)
-    if not 1 <= k <= mdl.flow.config.levels:
+    channels, mdl = _colour_channels(c, model, device)
+    if mdl and not 1 <= k <= mdl.flow.config.levels:
         raise IdfzipError(f"preview must be 1..{mdl.flow.config.levels} for model {mdl.name}")
-    colour = np.empty((size[1], size[0], mdl.flow.config.channels), dtype=np.uint8)
-    for (x, y, tw, th), t in zip(_tiles(c.width, c.height, c.tile_side), c.tiles):
-        part = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress, preview=k)
+    colour = np.empty((size[1], size[0], channels), dtype=np.uint8)
+    for i, ((x, y, tw, th), t) in enumerate(zip(_tiles(c.width, c.height, c.tile_side), c.tiles)):
+        if c.is_classical(i):  # decoded whole (it costs a small part of a flow tile's time) and box-averaged
+            part = np.atleast_3d(
+                np.asarray(colour_image(_decode_classical(t, tw, th, channels, progress)).reduce(1 << k))
+            )
+        else:
+            part = _decode_tile(mdl, t, tw, th, device, c.adapted, c.version, progress, preview=k)
         colour[y >> k : (y >> k) + part.shape[0], x >> k : (x >> k) + part.shape[1]] = part
     im = colour_image(colour)
     if c.mode in WITH_ALPHA and c.rest is not None:
         alpha = decode_rest(c.rest_method, c.rest, rest_mode(c.mode), (c.width, c.height)).reduce(1 << k)
         im.putalpha(alpha)
     return im
+
+
+def _colour_channels(c: Container, model: str | Model | None, device: str) -> tuple[int, Model | None]:
+    """(channels of a flow-coded container's colour part, the model its flow-coded tiles need: None if it has none,
+    so a file whose every tile is classical decodes without the model)."""
+    if c.flow_tiles:
+        mdl = _model_for(c, model, device)
+        return mdl.flow.config.channels, mdl
+    if c.mode not in FLOW_MODES:
+        raise CorruptFileError(f"mode {c.mode} cannot have a flow-coded part")
+    return FLOW_MODES[c.mode], None
+
+
+def _decode_classical(data: bytes, w: int, h: int, channels: int, progress: Progress) -> np.ndarray:
+    """One classically coded tile's pixels (h, w, channels) from its VP8L stream."""
+    mode = "RGB" if channels == 3 else "L"
+    x = np.atleast_3d(np.asarray(decode_vp8l(data, mode, (w, h))))
+    if progress:
+        progress(w * h)
+    return x
 
 
 def _model_for(c: Container, model: str | Model | None, device: str) -> Model:

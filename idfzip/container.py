@@ -18,18 +18,27 @@ MAGIC = b"IDZ"
 VERSION = 5  # what writers write without a flow part (the same layout as 8); flow-coded files are FLOW_VERSION
 FLOW_VERSION = 8  # (4 with a model never calibrated; 9 at efforts that send adaptation offsets, 10 where they
 # also send output updates)
-READ_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)  # what readers read
+READ_VERSIONS = tuple(range(1, 14))  # what readers read
 SPLIT = 3  # versions 8, 9 and 10 are versions 5, 6 and 7 with split windows (idfzip.coding)
+MIXED = 3  # versions 11, 12 and 13 are versions 8, 9 and 10 with classical tiles and the WebP rest method
+# (written only where a file has one or the other: files that have neither keep their version)
 
 
 def layout(version: int) -> int:
-    """The version whose layout a file of ``version`` follows apart from split windows (8-10: 5-7)."""
-    return version - SPLIT if version >= 5 + SPLIT else version
+    """The version whose layout a file of ``version`` follows apart from split windows and classical tiles
+    (8-10 and 11-13: 5-7)."""
+    return version - SPLIT - MIXED if mixed(version) else version - SPLIT if version >= 5 + SPLIT else version
 
 
 def split_windows(version: int) -> bool:
     """Whether a file of ``version`` codes its wide windows in two steps (idfzip.coding)."""
     return version >= 5 + SPLIT
+
+
+def mixed(version: int) -> bool:
+    """Whether a file of ``version`` may code tiles classically (a tile-method map after the flow header) and its
+    rest as WebP."""
+    return version >= 5 + SPLIT + MIXED
 
 
 MAX_SIDE = 1 << 20
@@ -65,8 +74,8 @@ MODES = (
 MODE_OTHER = 255
 
 # Codings of the rest part (anything not coded by the flow).
-REST_CONSTANT, REST_PNG, REST_LZMA = 0, 1, 2
-REST_METHODS = {REST_CONSTANT: "constant", REST_PNG: "png", REST_LZMA: "lzma"}
+REST_CONSTANT, REST_PNG, REST_LZMA, REST_WEBP = 0, 1, 2, 3  # WebP (a bare VP8L stream): versions 11-13 only
+REST_METHODS = {REST_CONSTANT: "constant", REST_PNG: "png", REST_LZMA: "lzma", REST_WEBP: "webp"}
 
 
 def write_varint(n: int) -> bytes:
@@ -141,8 +150,18 @@ class Container:
     rest_method: int | None = None
     rest: bytes | None = None
     meta: bytes | None = None
-    adapted: bool = False  # version 3: every tile stream starts with an adaptation block (idfzip.adapt)
+    adapted: bool = False  # version 3: every flow-coded tile stream starts with an adaptation block (idfzip.adapt)
     version: int = VERSION
+    classical: list[bool] = field(default_factory=list)  # version 11: which tiles are VP8L streams (empty: none)
+
+    def is_classical(self, i: int) -> bool:
+        """Whether tile ``i`` is coded classically (a VP8L stream of its colour channels), not by the flow."""
+        return bool(self.classical) and self.classical[i]
+
+    @property
+    def flow_tiles(self) -> list[bytes]:
+        """The tile streams the flow codes."""
+        return [t for i, t in enumerate(self.tiles) if not self.is_classical(i)]
 
     @property
     def by_hash(self) -> bool:
@@ -203,10 +222,17 @@ class Container:
             if v1 and not (name and self.tile):
                 raise ValueError("version 1 needs a model name and a tile side")
             out += bytes([len(name)]) + name + self.model_hash[:MODEL_HASH_BYTES] + write_varint(self.tile)
+            if mixed(self.version):  # the tile-method map: bit i % 8 of byte i // 8 set for a classical tile i
+                marks = [self.is_classical(i) for i in range(len(self.tiles))]
+                out += bytes(sum(m << b for b, m in enumerate(marks[i : i + 8])) for i in range(0, len(marks), 8))
+            elif any(self.classical):
+                raise ValueError(f"classical tiles need format version {5 + SPLIT + MIXED} or later")
             if v1:  # version 1: the tile streams come here, each with its length
                 for t in self.tiles:
                     out += write_varint(len(t)) + t
         if self.rest is not None:
+            if self.rest_method == REST_WEBP and not mixed(self.version):
+                raise ValueError(f"a WebP rest needs format version {5 + SPLIT + MIXED} or later")
             out.append(self.rest_method)
             out += write_varint(len(self.rest)) + self.rest
         if self.meta:
@@ -265,11 +291,17 @@ class Container:
             n = c.tiles_x * c.tiles_y
             if n > r.remaining():  # each tile needs at least its length byte
                 raise CorruptFileError("file is truncated")
+            if mixed(version):
+                bits = r.take(-(-n // 8))
+                marks = [bool(bits[i >> 3] >> (i & 7) & 1) for i in range(n)]
+                c.classical = marks if any(marks) else []
+                if bits[-1] >> ((n - 1) % 8 + 1):
+                    raise CorruptFileError("invalid tile-method map (padding bits set)")
             if version == 1:
                 c.tiles = [r.blob() for _ in range(n)]
         if flags & FLAG_REST:
             c.rest_method = r.u8()
-            if c.rest_method not in REST_METHODS:
+            if c.rest_method not in REST_METHODS or (c.rest_method == REST_WEBP and not mixed(version)):
                 raise CorruptFileError(f"invalid coding method {c.rest_method}")
             c.rest = r.blob()
         if flags & FLAG_META:
@@ -301,12 +333,13 @@ def _adaptation(c: Container) -> dict:
     depends on the model)."""
     if not c.adapted:
         return {"adapted_tiles": 0, "adapted_slots": 0}
+    tiles = c.flow_tiles
     if layout(c.version) < 7:
         return {
-            "adapted_tiles": sum(1 for t in c.tiles if t[:1] != b"\0"),  # mask varint 0: not adapted
-            "adapted_slots": sum(bin(Reader(t, "tile stream").varint()).count("1") for t in c.tiles),
+            "adapted_tiles": sum(1 for t in tiles if t[:1] != b"\0"),  # mask varint 0: not adapted
+            "adapted_slots": sum(bin(Reader(t, "tile stream").varint()).count("1") for t in tiles),
         }
-    facts = [_block_facts(t) for t in c.tiles]
+    facts = [_block_facts(t) for t in tiles]
     return {
         "adapted_tiles": sum(1 for a, u, _ in facts if a or u),
         "adapted_slots": sum(a for a, _, _ in facts),
@@ -337,7 +370,9 @@ def inspect(data: bytes) -> dict:
         "model_sha256_prefix": c.model_hash.hex() if c.model_hash else None,
         "tile": c.tile_side if c.tiles else None,
         "tiles": len(c.tiles),
-        "flow_bytes": sum(len(t) for t in c.tiles),
+        "classical_tiles": sum(c.classical),
+        "flow_bytes": sum(len(t) for t in c.flow_tiles),
+        "classical_bytes": sum(len(t) for i, t in enumerate(c.tiles) if c.is_classical(i)),
         **_adaptation(c),
         "rest": None if c.rest is None else {"method": c.rest_method, "bytes": len(c.rest)},
         "meta_bytes": len(c.meta or b""),

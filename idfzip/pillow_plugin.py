@@ -58,7 +58,8 @@ def _save(im: Image.Image, fp, filename) -> None:
 
     opts = im.encoderinfo
     tile, effort = opts.get("tile", DEFAULT_TILE), opts.get("effort", DEFAULT_EFFORT)
-    fp.write(compress(im, opts.get("model"), tile=tile, device=opts.get("device", "cpu"), effort=effort))
+    device, flow_only = opts.get("device", "cpu"), opts.get("flow_only", False)
+    fp.write(compress(im, opts.get("model"), tile=tile, device=device, effort=effort, flow_only=flow_only))
 
 
 def register() -> None:

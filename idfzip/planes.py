@@ -6,7 +6,10 @@ data, any other mode) and *meta* (palette, transparency). An image whose colour 
 classically after all (too small, one colour) is stored whole as the rest.
 The rest is coded with whichever of these is smallest: a constant (a few bytes: an opaque alpha plane costs
 almost nothing), PNG through Pillow (only when it reproduces the pixels exactly), or raw LZMA. So the rest
-never costs more than Pillow's PNG of it.
+never costs more than Pillow's PNG of it. A whole image stored classically (and, from format version 11, a tile
+of the colour part the flow would code in more bytes) may also be lossless WebP: its bare VP8L bitstream,
+without the RIFF wrapper that the decoder rebuilds, checked to reproduce the pixels exactly before it is kept,
+and its header's size checked before anything is decoded.
 
 Memory: decoding, merging and hashing go through strips of whole rows (about _STRIP_BYTES each) and never
 through ``tobytes()`` of a whole image, so a decoded plane costs about its own size: a file of a few bytes
@@ -18,14 +21,15 @@ from __future__ import annotations
 
 import io
 import lzma
+import struct
 import zlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from .container import REST_CONSTANT, REST_LZMA, REST_PNG, Reader, write_varint
-from .errors import CorruptFileError, InputImageError
+from .container import REST_CONSTANT, REST_LZMA, REST_PNG, REST_WEBP, Reader, write_varint
+from .errors import CorruptFileError, IdfzipError, InputImageError
 
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _PNG_MODES = {"1", "L", "LA", "I;16", "RGB", "RGBA"}
@@ -206,8 +210,89 @@ def _png(im: Image.Image) -> bytes | None:
     return buf.getvalue()
 
 
-def encode_rest(im: Image.Image) -> tuple[int, bytes]:
-    """(method, bytes): the smallest exact coding of ``im`` among constant, PNG and LZMA."""
+# ---------------------------------------------------------------------------------------------- lossless WebP
+WEBP_MODES = ("L", "LA", "RGB", "RGBA")  # what a VP8L stream holds exactly (L as R = G = B)
+WEBP_MAX_SIDE = 1 << 14  # VP8L stores width - 1 and height - 1 in 14 bits
+VP8L_SIGNATURE = 0x2F
+WEBP_WHOLE = ((4, 100), (6, 100), (6, 80))  # the (method, quality) tried for a whole image: 6 and 80 is Pillow's
+# lossless=True, method=6, whose file a VP8L stream without its 20 bytes of RIFF wrapper never exceeds
+
+
+def _webp() -> bool:
+    """Whether Pillow has WebP (PyPI's wheels do; a Pillow built without libwebp does not)."""
+    from PIL import features
+
+    return bool(features.check_module("webp"))
+
+
+def _riff(vp8l: bytes) -> bytes:
+    """The simple-format WebP file (RIFF, WEBP, one VP8L chunk, padded to an even length) around a VP8L stream."""
+    pad = b"\0" * (len(vp8l) & 1)
+    return (
+        b"RIFF" + struct.pack("<I", 12 + len(vp8l) + len(pad)) + b"WEBPVP8L" + struct.pack("<I", len(vp8l)) + vp8l + pad
+    )
+
+
+def vp8l_size(vp8l: bytes) -> tuple[int, int]:
+    """(width, height) from a VP8L stream's header; CorruptFileError if it has none."""
+    if len(vp8l) < 5 or vp8l[0] != VP8L_SIGNATURE:
+        raise CorruptFileError("invalid WebP plane")
+    (bits,) = struct.unpack("<I", vp8l[1:5])
+    if bits >> 29:  # the version field must be 0
+        raise CorruptFileError("invalid WebP plane")
+    return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+
+
+def encode_vp8l(im: Image.Image, method: int = 6, quality: int = 100) -> bytes | None:
+    """The VP8L stream of ``im`` (a mode of WEBP_MODES) as Pillow's lossless WebP writes it (``method`` 0-6 and
+    ``quality`` 0-100: how hard it searches; colours under transparent pixels kept), or None where that is not
+    possible or not exact."""
+    if im.mode not in WEBP_MODES or max(im.size) > WEBP_MAX_SIDE or not _webp():
+        return None
+    buf = io.BytesIO()
+    try:
+        im.save(buf, format="WEBP", lossless=True, quality=quality, method=method, exact=True)
+    except (OSError, ValueError, KeyError):
+        return None
+    data = buf.getvalue()
+    n = struct.unpack("<I", data[16:20])[0] if len(data) >= 20 else -1
+    vp8l = data[20 : 20 + n]
+    if data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8L" or _riff(vp8l) != data:
+        return None  # an extended file (VP8X), which Pillow writes for metadata: not what is stored
+    try:
+        back = decode_vp8l(vp8l, im.mode, im.size)
+    except CorruptFileError:
+        return None
+    return vp8l if back.tobytes() == im.tobytes() else None
+
+
+def decode_vp8l(vp8l: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
+    """The ``mode`` image (of WEBP_MODES) of ``size`` that a VP8L stream holds; CorruptFileError unless its header
+    declares that size (checked before decoding) and it decodes."""
+    if mode not in WEBP_MODES or vp8l_size(vp8l) != size:
+        raise CorruptFileError("WebP plane does not match the header")
+    if not _webp():
+        raise IdfzipError("this file holds WebP-coded pixels, and this Pillow was built without WebP")
+    try:
+        with Image.open(io.BytesIO(_riff(vp8l)), formats=["WEBP"]) as webp:
+            if webp.size != size:
+                raise CorruptFileError("WebP plane does not match the header")
+            webp.load()
+            rgba = webp.convert("RGBA")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        raise CorruptFileError("corrupted WebP plane") from None
+    bands = rgba.split()
+    return {
+        "RGBA": lambda: rgba,
+        "RGB": lambda: rgba.convert("RGB"),
+        "L": lambda: bands[0],
+        "LA": lambda: Image.merge("LA", (bands[0], bands[3])),
+    }[mode]()
+
+
+def encode_rest(im: Image.Image, webp: bool = False) -> tuple[int, bytes]:
+    """(method, bytes): the smallest exact coding of ``im`` among constant, PNG and LZMA, and with ``webp`` (format
+    version 11 and later) lossless WebP."""
     raw = im.tobytes()
     npix = im.width * im.height
     if im.mode != "1" and npix and len(raw) % npix == 0:
@@ -222,6 +307,10 @@ def encode_rest(im: Image.Image) -> tuple[int, bytes]:
     png = _png(im)
     if png is not None and len(png) < len(best[1]):
         best = (REST_PNG, png)
+    for method, quality in WEBP_WHOLE if webp else ():  # neither search always finds the smaller stream
+        vp8l = encode_vp8l(im, method, quality)
+        if vp8l is not None and len(vp8l) < len(best[1]):
+            best = (REST_WEBP, vp8l)
     return best
 
 
@@ -288,6 +377,8 @@ def decode_rest(method: int, data: bytes, mode: str, size: tuple[int, int]) -> I
         return _assemble(mode, size, _lzma_strips(data, row, size))
     if method == REST_PNG:
         return _png_plane(data, mode, size)
+    if method == REST_WEBP:
+        return decode_vp8l(data, mode, size)
     raise CorruptFileError(f"invalid coding method {method}")
 
 

@@ -1,4 +1,4 @@
-"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7,rgb_e8,la}.idfz from
+"""Write the golden files of the current container version: tests/golden/{rgb,rgba,tiled,rgb_e7,rgb_e8,la,mixed,graphic}.idfz from
 the PNGs beside them, with the shipped `natural` model and, for la.png (an LA image: rgb.png as L with a gradient
 alpha plane), the shipped `grey` model (tests/test_golden.py decodes them and requires re-encoding to give the same
 bytes). Run only when the container version, the encoder's choices or a shipped model change (as the adaptation
@@ -25,9 +25,21 @@ from idfzip.codec import schedule
 from idfzip.zoo import load_shipped
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"
-FILES = {"rgb": {}, "rgba": {}, "tiled": {"tile": 32}, "rgb_e7": {"effort": 7}, "rgb_e8": {"effort": 8}, "la": {}}
+FLOW = {"flow_only": True}  # the flow's own files: WebP would be smaller for these small crops (versions 8-10)
+FILES = {
+    "rgb": FLOW,
+    "rgba": FLOW,
+    "tiled": {"tile": 32, **FLOW},
+    "rgb_e7": {"effort": 7, **FLOW},
+    "rgb_e8": {"effort": 8, **FLOW},
+    "la": FLOW,
+    "mixed": {"tile": 128},
+    "graphic": {},
+}
 # name -> compress options. rgb_e7.idfz (version 9: adaptation with offsets) and rgb_e8.idfz (version 10: output
-# updates, written under ``updates_kept``) are written from rgb.png
+# updates, written under ``updates_kept``) are written from rgb.png. mixed.idfz (version 12): mixed.png's left tile
+# (a smooth field with noise) by the flow with offsets, its right (graphic.png, enlarged) as WebP; graphic.idfz
+# (version 11): graphic.png (flat colour, text, a gradient, bars) stored whole as WebP
 
 
 @contextmanager

@@ -157,11 +157,27 @@ def test_effort_reaches_the_codec_and_the_whole_processes(tiny, tmp_path):
     src = tmp_path / "p.png"
     Image.fromarray(photo(128, 96, seed=6)).save(src)
     out = tmp_path / "r.json"
-    args = ["bench", str(src), "--model", tiny.path, "--compare", "none", "--json", str(out), "-e", "7"]
+    args = ["bench", str(src), "--model", tiny.path, "--compare", "none", "--json", str(out), "-e", "7", "--flow-only"]
     r = CliRunner().invoke(cli, [*args, "--process", "1"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    data = idfzip.compress(Image.open(src), tiny, effort=7)
+    data = idfzip.compress(Image.open(src), tiny, effort=7, flow_only=True)
     assert idfzip.inspect(data)["version"] == 9
     assert res["effort"] == 7 and res["images"][0]["bytes"] == len(data) and res["images"][0]["process_exact"]
-    assert "effort 7" in r.output
+    assert "effort 7, flow only" in r.output and res["flow_only"] and res["paths"]["webp_tiles"] == 0
+
+
+def test_the_summary_says_which_path_coded_the_pixels(tiny, tmp_path):
+    """idfzip's row is the product: a graphic the tiny model codes worse than WebP is stored whole classically,
+    a photo crop flow-only is its tiles by the flow; the JSON and the table count both."""
+    from PIL import ImageDraw
+
+    g = Image.new("RGB", (160, 96), (240, 240, 248))
+    ImageDraw.Draw(g).text((8, 8), "a chart, flat colour and text", fill=(10, 10, 10))
+    g.save(tmp_path / "g.png")
+    res = bench.run(find_images([tmp_path]), tiny, compare=())
+    assert res.paths == {"flow_tiles": 0, "webp_tiles": 0, "whole_images": 1}
+    assert "0 tiles by the flow, 0 as WebP; 1 image stored whole classically" in res.table()
+    Image.fromarray(photo(96, 80)).save(tmp_path / "p.png")
+    res = bench.run(find_images([tmp_path / "p.png"]), tiny, compare=(), flow_only=True)
+    assert res.paths == {"flow_tiles": 1, "webp_tiles": 0, "whole_images": 0} and res.images[0]["tiles"] == 1

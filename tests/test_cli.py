@@ -31,8 +31,8 @@ def run(tiny):
 
 def test_compress_decompress_identical(run, tmp_path):
     src = tmp_path / "a.png"
-    Image.fromarray(photo(80, 60)).save(src)  # over codec.SMALL_IMAGE pixels: always the flow
-    r = run("compress", "-v", src)
+    Image.fromarray(photo(80, 60)).save(src)  # over codec.SMALL_IMAGE pixels: the flow (only: the tiny model loses
+    r = run("compress", "-v", "--flow-only", src)  # to WebP, test_webp_tiles_are_reported)
     assert r.exit_code == 0, r.output
     assert "bpd" in r.output and "model NLL" in r.output
     assert (tmp_path / "a.idfz").exists()
@@ -84,7 +84,7 @@ def test_several_inputs_bad_one_reported_and_skipped(run, tmp_path):
 def test_info(run, tmp_path):
     src = tmp_path / "a.png"
     Image.fromarray(np.dstack([photo(96, 64), np.full((64, 96), 255, np.uint8)]), "RGBA").save(src)
-    run("compress", src)
+    run("compress", "--flow-only", src)
     r = run("info", tmp_path / "a.idfz", model=False)
     assert r.exit_code == 0
     assert "96x64 RGBA" in r.output and "bits per sub-pixel" in r.output and "tiny" in r.output
@@ -94,6 +94,21 @@ def test_info(run, tmp_path):
     assert "adapted:     1 of 1 tiles" in r.output  # a random tiny model gains from adapting at this size
     legacy = Path(__file__).resolve().parent / "golden" / "legacy_v3.idfz"
     assert "version 3 (float coding tables" in run("info", legacy, model=False).output
+
+
+def test_webp_tiles_are_reported(run, tmp_path):
+    """compress -v and info say how many tiles went to WebP (golden/mixed.png, the shipped model: one of two);
+    --flow-only codes them all by the model, a larger file."""
+    src = tmp_path / "a.png"
+    src.write_bytes((Path(__file__).resolve().parent / "golden" / "mixed.png").read_bytes())
+    r = run("compress", "-v", "--tile", "128", src, model=False)
+    assert r.exit_code == 0 and "flow:natural, 1 of 2 tiles WebP" in r.output, r.output
+    info = run("info", tmp_path / "a.idfz", model=False).output
+    assert "WebP tiles:  1 of 2" in info and "format:      .idfz version 12" in info, info
+    mixed = (tmp_path / "a.idfz").stat().st_size
+    assert run("compress", "-f", "--tile", "128", "--flow-only", src, model=False).exit_code == 0
+    assert (tmp_path / "a.idfz").stat().st_size > mixed
+    assert "WebP" not in run("info", tmp_path / "a.idfz", model=False).output
 
 
 def test_corrupt_and_truncated_files_leave_no_output(run, tmp_path):
@@ -355,6 +370,7 @@ def test_shared_options_go_before_or_after_the_subcommand(tiny, tmp_path):
                 "--device",
                 "cpu",
                 "-v",
+                "--flow-only",
                 str(src),
             ],
         )

@@ -214,7 +214,7 @@ def test_preview_is_close_to_the_box_downsampled_image(tmp_path):
     LA keep their alpha plane averaged, and an image coded classically is previewed from its whole decode."""
     rgb = Image.open(Path(__file__).resolve().parent.parent / "examples" / "sample.png").convert("RGB")
     im = rgb.crop((0, 0, 128, 94))
-    data = idfzip.compress(im)
+    data = idfzip.compress(im, flow_only=True)  # (WebP would take these small crops whole)
     levels = 5
     for k in range(1, levels + 1):
         p = idfzip.decompress(data, preview=k)
@@ -226,13 +226,13 @@ def test_preview_is_close_to_the_box_downsampled_image(tmp_path):
         idfzip.decompress(data, preview=levels + 1)
     rgba = im.copy()
     rgba.putalpha(Image.linear_gradient("L").resize(im.size))
-    p = idfzip.decompress(idfzip.compress(rgba), preview=2)
+    p = idfzip.decompress(idfzip.compress(rgba, flow_only=True), preview=2)
     assert p.mode == "RGBA" and p.getchannel("A").tobytes() == rgba.getchannel("A").reduce(4).tobytes()
     grey = im.convert("L")  # through the grey model: L, and LA with its alpha plane averaged
-    p = idfzip.decompress(idfzip.compress(grey), preview=1)
+    p = idfzip.decompress(idfzip.compress(grey, flow_only=True), preview=1)
     assert p.mode == "L" and np.abs(np.asarray(p, dtype=int) - np.asarray(grey.reduce(2), dtype=int)).mean() < 8
     grey.putalpha(Image.linear_gradient("L").resize(im.size))
-    p = idfzip.decompress(idfzip.compress(grey), preview=2)
+    p = idfzip.decompress(idfzip.compress(grey, flow_only=True), preview=2)
     assert p.mode == "LA" and p.getchannel("A").tobytes() == grey.getchannel("A").reduce(4).tobytes()
     pal = im.convert("P")  # coded classically
     assert idfzip.decompress(idfzip.compress(pal), preview=1).tobytes() == pal.convert("RGB").reduce(2).tobytes()
@@ -243,7 +243,7 @@ def test_preview_is_close_to_the_box_downsampled_image(tmp_path):
 
 def test_quiet_and_verbose_on_info_models_bench_and_train(run, tiny, tmp_path):
     src = _rgb(tmp_path / "a.png", 96, 72)  # over codec.SMALL_IMAGE pixels: the flow, in 3 x 3 tiles of 32
-    assert run("compress", "--tile", 32, src).exit_code == 0
+    assert run("compress", "--tile", 32, "--flow-only", src).exit_code == 0
     r = run("info", "-v", tmp_path / "a.idfz")
     assert "tile bytes:" in r.output and len(r.output.split("tile bytes:")[1].split("(")[0].split()) == 9
     r = CliRunner().invoke(cli, ["models", "-q"])
@@ -313,7 +313,7 @@ def test_effort_option_and_info(run, tmp_path):
     Image.fromarray(photo(128, 96, seed=6)).save(src)
     sizes = {}
     for e in (1, 7):
-        r = run("compress", "-e", e, "-o", tmp_path / f"e{e}.idfz", src)
+        r = run("compress", "-e", e, "--flow-only", "-o", tmp_path / f"e{e}.idfz", src)
         assert r.exit_code == 0, r.output
         sizes[e] = (tmp_path / f"e{e}.idfz").stat().st_size
         r = run("decompress", "-t", tmp_path / f"e{e}.idfz")

@@ -21,7 +21,7 @@ def test_rgb_sizes(tiny, w, h):
 
 def test_flow_is_used_and_its_nll_is_reported(tiny):
     im = Image.fromarray(photo(128, 96))
-    data, st = idfzip.compress_with_stats(im, tiny)
+    data, st = idfzip.compress_with_stats(im, tiny, flow_only=True)
     assert st.method == "flow:tiny"
     assert abs(st.nll_bits - 8 * st.flow_bytes) < 0.02 * 8 * st.flow_bytes + 64
     assert idfzip.decompress(data, tiny).tobytes() == im.tobytes()
@@ -62,11 +62,12 @@ def _modes():
 
 @pytest.mark.parametrize("name,im", list(_modes()), ids=[n for n, _ in _modes()])
 def test_every_mode(tiny, name, im):
-    """Each mode round-trips; a file without a flow part keeps version 5 (the same layout), so that older
-    readers still read it."""
-    data = idfzip.compress(im, tiny)
+    """Each mode round-trips, by the flow and as the product codes it (WebP where smaller); a file without a flow
+    part or WebP keeps version 5 (the same layout), so that older readers still read it."""
+    data = idfzip.compress(im, tiny, flow_only=True)
     assert Container.from_bytes(data).version == (8 if Container.from_bytes(data).tiles else 5)
     roundtrip(im, tiny)
+    roundtrip(im, tiny, flow_only=False)
 
 
 def test_icc_profile_and_palette_survive(tiny):
@@ -92,8 +93,8 @@ def test_thin_rgb_images_never_cost_much_more_than_png(tiny):
 
 def test_constant_alpha_costs_almost_nothing(tiny):
     rgb = photo(128, 128)
-    a, _ = idfzip.compress_with_stats(Image.fromarray(rgb), tiny)
-    b, _ = idfzip.compress_with_stats(Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])), tiny)
+    a = idfzip.compress(Image.fromarray(rgb), tiny, flow_only=True)
+    b = idfzip.compress(Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])), tiny, flow_only=True)
     assert len(b) - len(a) <= 4
 
 
@@ -119,21 +120,21 @@ def test_grey_images_go_through_a_one_channel_model(tiny, tmp_path):
     la = grey.copy()
     la.putalpha(Image.linear_gradient("L").resize(grey.size))
     for im in (grey, la):
-        data, stats = codec.compress_with_stats(im, mine)
+        data, stats = codec.compress_with_stats(im, mine, flow_only=True)
         assert stats.method == "flow:mygrey" and stats.flow_bytes and stats.model_sha256 == mine.sha256
         assert idfzip.decompress(data, mine).tobytes() == im.tobytes()
         assert idfzip.decompress(data, mine).mode == im.mode
         with pytest.raises(ModelNotFoundError, match="mygrey"):
             idfzip.decompress(data, tiny)  # a model of the other kind: the file's, which is not shipped
-    data, stats = codec.compress_with_stats(la, tiny)
+    data, stats = codec.compress_with_stats(la, tiny, flow_only=True)
     shipped = codec.load("grey")
     assert stats.method == "flow:grey" and stats.model_sha256 == shipped.sha256
     roundtrip(la, tiny)
     rgb = Image.fromarray(photo(96, 80, seed=5))
-    assert codec.compress_with_stats(rgb, tiny)[1].method == "flow:tiny"
-    assert codec.compress_with_stats(rgb, mine)[1].method == "flow:natural"
+    assert codec.compress_with_stats(rgb, tiny, flow_only=True)[1].method == "flow:tiny"
+    assert codec.compress_with_stats(rgb, mine, flow_only=True)[1].method == "flow:natural"
     # a file whose mode claims a grey image where a 3-channel model coded the colour part
-    c = Container.from_bytes(idfzip.compress(rgb))
+    c = Container.from_bytes(idfzip.compress(rgb, flow_only=True))
     c.mode = "L"
     with pytest.raises(CorruptFileError, match="mode L cannot have a flow-coded part of 3 channels"):
         idfzip.decompress(c.to_bytes())
@@ -182,7 +183,7 @@ def test_checkerboard_codes_what_training_measures(tmp_path):
     # a crop of the shipped sample photo: synthetic images are full of tail events for a photo model, where
     # the coder's fixed-point networks and the float training path differ by more than on photos
     a = np.ascontiguousarray(np.asarray(Image.open(SAMPLE).convert("RGB"))[:64, :96])
-    data, stats = idfzip.codec.compress_with_stats(Image.fromarray(a), model, effort=1)
+    data, stats = idfzip.codec.compress_with_stats(Image.fromarray(a), model, effort=1, flow_only=True)
     with torch.no_grad():
         bits = float(model.flow(torch.from_numpy(a).permute(2, 0, 1)[None].float()))
     assert stats.method == "flow:cb"
@@ -193,7 +194,7 @@ def test_checkerboard_codes_what_training_measures(tmp_path):
 
 def test_a_shipped_model_is_named_by_its_hash(tiny):
     im = Image.fromarray(photo(96, 64, seed=6))
-    data = idfzip.compress(im, "natural")
+    data = idfzip.compress(im, "natural", flow_only=True)
     c = Container.from_bytes(data)
     assert c.version in (8, 9) and (c.model_name, c.tile, len(c.tiles)) == ("", 0, 1)  # one tile: side 0
     assert idfzip.inspect(data)["model"] == "natural" and idfzip.inspect(data)["tile"] == 96
@@ -207,7 +208,7 @@ def test_a_shipped_model_is_named_by_its_hash(tiny):
         idfzip.decompress(c.to_bytes(), tiny)
     # older versions: tests/test_golden.py decodes files that earlier builds wrote
     # a model that is not shipped is named; an image larger than a tile records the tile side
-    c = Container.from_bytes(idfzip.compress(im, tiny, tile=64))
+    c = Container.from_bytes(idfzip.compress(im, tiny, tile=64, flow_only=True))
     assert (c.model_name, c.tile, len(c.tiles)) == ("tiny", 64, 2)
 
 
@@ -227,9 +228,9 @@ def test_thread_count_does_not_change_the_bits(tiny_ar, enc, dec):
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(enc)
-        data = idfzip.compress(im, tiny_ar, tile=128)
+        data = idfzip.compress(im, tiny_ar, tile=128, flow_only=True)
         torch.set_num_threads(dec)
-        assert idfzip.compress(im, tiny_ar, tile=128) == data
+        assert idfzip.compress(im, tiny_ar, tile=128, flow_only=True) == data
         assert idfzip.decompress(data, tiny_ar).tobytes() == im.tobytes()
     finally:
         torch.set_num_threads(n)
@@ -242,14 +243,14 @@ def test_tile_size_must_suit_the_model(tiny):
 
 def test_wrong_model_is_refused(tiny, tmp_path):
     other = make_model(tmp_path, "other", prior_hidden=6)
-    data = idfzip.compress(photo(80, 80), tiny)
+    data = idfzip.compress(photo(80, 80), tiny, flow_only=True)
     with pytest.raises(ModelMismatchError):
         idfzip.decompress(data, other)
 
 
 def test_corruption_is_an_error_never_wrong_pixels(tiny):
     im = Image.fromarray(photo(96, 64, seed=2))
-    data = idfzip.compress(im, tiny)
+    data = idfzip.compress(im, tiny, flow_only=True)
     rng = np.random.default_rng(0)
     for trial in range(40):
         bad = bytearray(data)
@@ -283,3 +284,82 @@ def test_a_model_never_calibrated_writes_version_4(tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(codec, "fit_plan", lambda effort: fine)
             assert idfzip.compress(im, raw) == data
+
+
+def _graphic(w: int, h: int) -> Image.Image:
+    """A synthetic render: flat colour, text, a horizontal and a vertical gradient, bars."""
+    from PIL import ImageDraw
+
+    a = np.full((h, w, 3), (246, 246, 250), dtype=np.uint8)
+    a[h // 2 :, :, 0] = np.linspace(40, 220, w).astype(np.uint8)[None]
+    a[h // 2 :, :, 1] = np.linspace(200, 60, h - h // 2).astype(np.uint8)[:, None]
+    im = Image.fromarray(a)
+    d = ImageDraw.Draw(im)
+    for i in range(h // 40):
+        d.text((8, 6 + 16 * i), f"row {i}: 3.031 bpd against 2.885 ({i * 37 % 100}%)", fill=(20, 20, 30))
+    for i in range(5):
+        d.rectangle((w // 2 + 20 * i, h // 2 - 10 - 9 * i, w // 2 + 20 * i + 12, h // 2 - 4), fill=(200, 30 * i, 40))
+    return im
+
+
+def test_a_synthetic_render_is_at_most_its_webp_size():
+    """Flat colour, text and gradients: at most Pillow's lossless WebP (method 6, the default quality and the
+    slowest), whether the flow or WebP codes its tiles, and exact."""
+    im = _graphic(320, 200)
+    webp = []
+    for quality in (80, 100):
+        buf = io.BytesIO()
+        im.save(buf, "WEBP", lossless=True, method=6, quality=quality)
+        webp.append(len(buf.getvalue()))
+    for tile in (1024, 128):
+        data = idfzip.compress(im, tile=tile)
+        assert len(data) <= min(webp), (tile, len(data), webp)
+        assert idfzip.decompress(data).tobytes() == im.tobytes()
+    flow_only = idfzip.compress(im, flow_only=True)
+    assert len(flow_only) > 2 * min(webp)  # what the flow alone would cost (a check that WebP is what saves)
+
+
+def test_a_file_with_a_webp_tile_and_a_flow_tile_round_trips():
+    """tests/golden/mixed.png: a smooth field with noise (the flow's) beside a graphic (WebP's), tile 128: one
+    tile each way (format version 12: the flow's tile with offsets), exact; its preview and info say so."""
+    im = Image.open(Path(__file__).parent / "golden" / "mixed.png")
+    data, stats = codec.compress_with_stats(im, tile=128)
+    c = Container.from_bytes(data)
+    assert c.version == 12 and c.classical == [False, True] and stats.classical_tiles == 1 and stats.tiles == 2
+    assert "1 of 2 tiles WebP" in stats.method
+    assert idfzip.decompress(data).tobytes() == im.tobytes()
+    info = idfzip.inspect(data)
+    assert info["classical_tiles"] == 1 and info["classical_bytes"] == len(c.tiles[1]) < info["flow_bytes"]
+    small = idfzip.decompress(data, preview=2)
+    assert small.size == (64, 32)
+    want = np.asarray(im.reduce(4)).astype(int)
+    assert np.abs(np.asarray(small).astype(int) - want)[:, 32:].max() == 0  # the WebP half: exact, box-averaged
+    assert np.abs(np.asarray(small).astype(int) - want)[:, :32].mean() < 8
+
+
+def test_a_bad_webp_tile_is_an_error_never_wrong_pixels():
+    data = (Path(__file__).parent / "golden" / "mixed.idfz").read_bytes()
+    c = Container.from_bytes(data)
+    vp8l = c.tiles[1]
+    other = idfzip.planes.encode_vp8l(Image.new("RGB", (128, 64), (1, 2, 3)))
+    for bad in (vp8l[: len(vp8l) // 2], other, b"\x2f" + bytes(8), vp8l[:1] + bytes([vp8l[1] ^ 1]) + vp8l[2:]):
+        c.tiles[1] = bad
+        with pytest.raises(CorruptFileError):
+            idfzip.decompress(c.to_bytes())
+    c.tiles[1], c.classical = vp8l, [True, False]  # the map swapped: the flow's stream read as WebP
+    with pytest.raises(CorruptFileError):
+        idfzip.decompress(c.to_bytes())
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA"])
+def test_every_colour_mode_round_trips_through_webp(tiny, mode):
+    """A graphic's tiles go to WebP (the tiny random model's for RGB, the shipped grey model's for L): tiles of 32
+    (version 11 with a tile-method map) or the whole image (rest method 3, with its alpha); both exact."""
+    im = _graphic(96, 80)
+    if mode in ("RGBA", "LA"):
+        im.putalpha(Image.fromarray(np.tile(np.arange(96, dtype=np.uint8) * 2, (80, 1))))
+    im = im.convert(mode)
+    for tile in (32, 1024):
+        data = roundtrip(im, tiny, tile=tile, flow_only=False)
+        c = Container.from_bytes(data)
+        assert c.version == 11 and (any(c.classical) or c.rest_method == 3)

@@ -14,6 +14,7 @@ def sample(version=3, name="natural", tile=64, adapted=False):
 
 
 SAMPLES = [
+    sample(version=11),
     sample(version=5),
     sample(version=5, name="", tile=0, adapted=True),
     sample(),
@@ -78,7 +79,7 @@ def test_trailing_bytes_bad_magic_and_version():
     with pytest.raises(CorruptFileError, match="magic"):
         Container.from_bytes(b"PNG" + data[3:])
     with pytest.raises(UnsupportedVersionError):
-        Container.from_bytes(data[:3] + b"\x0b" + data[4:])
+        Container.from_bytes(data[:3] + b"\x0e" + data[4:])
 
 
 def test_adapted_tiles_need_version_3_and_a_flow_part():
@@ -128,3 +129,33 @@ def test_non_canonical_encodings_are_refused():
         Container.from_bytes(good[:5] + b"\x83\x00" + good[6:])  # width 3 written in two bytes
     with pytest.raises(CorruptFileError, match="mode"):
         Container.from_bytes(good[:4] + b"\xff\x01L" + good[5:])  # a mode with a code, spelt out
+
+
+def test_classical_tiles_and_the_webp_rest_need_version_11():
+    """Versions 11-13: a tile-method map after the flow header (bit i % 8 of byte i // 8: tile i is a VP8L
+    stream), and rest method 3 (WebP); earlier versions have neither, and a writer refuses to write them there."""
+    c = sample(version=12, adapted=True)
+    c.tile = 16  # a 70 x 33 image of 16-pixel tiles: 5 x 3 tiles, two bytes of map
+    c.tiles = [bytes([i]) * 4 for i in range(15)]
+    c.classical = [i % 3 == 0 for i in range(15)]
+    data = c.to_bytes()
+    back = Container.from_bytes(data)
+    assert back == c and back.flow_tiles == [t for i, t in enumerate(c.tiles) if i % 3]
+    at = data.index(b"\x01\x02\x03\x04") + 5  # the map follows the hash and the tile side
+    assert data[at : at + 2] == bytes([0b01001001, 0b00010010])
+    bad = bytearray(data)
+    bad[at + 1] |= 0x80  # a padding bit (tile 15 does not exist)
+    with pytest.raises(CorruptFileError, match="padding"):
+        Container.from_bytes(bytes(bad))
+    c.version = 9
+    with pytest.raises(ValueError, match="version 11"):
+        c.to_bytes()
+    rest = Container("RGB", 4, 4, rest_method=3, rest=b"/xyz", version=11)
+    assert Container.from_bytes(rest.to_bytes()) == rest
+    old = bytearray(rest.to_bytes())
+    old[3] = 5
+    with pytest.raises(CorruptFileError, match="coding method"):
+        Container.from_bytes(bytes(old))
+    rest.version = 8
+    with pytest.raises(ValueError, match="version 11"):
+        rest.to_bytes()

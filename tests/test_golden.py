@@ -22,7 +22,7 @@ from PIL import Image
 
 import idfzip
 from idfzip import adapt
-from idfzip.container import Container
+from idfzip.container import REST_WEBP, Container, layout
 from idfzip.errors import CorruptFileError, ModelMismatchError
 from idfzip.zoo import load_shipped
 
@@ -41,15 +41,16 @@ def test_golden_files_decode_and_are_reproduced(name):
     c = Container.from_bytes(data)
     # tiled's 32-pixel tiles are too small to adapt; la's offsets would not pay for their bytes (so the encoder
     # keeps its file without them, codec.FEW_OFFSETS)
-    assert c.version == {"tiled": 8, "la": 8, "rgb_e8": 10}.get(name, 9) and c.tiles
+    assert c.version == {"tiled": 8, "la": 8, "rgb_e8": 10, "mixed": 12, "graphic": 11}.get(name, 9)
+    assert bool(c.tiles) != (name == "graphic") and any(c.classical) == (name == "mixed")
     assert idfzip.decompress(data).tobytes() == source.tobytes()
     fitted = None
-    if c.version >= 9:
+    if layout(c.version) >= 6:
         cfg = load_shipped("natural").flow.config
         K = cfg.mixtures
-        shape = (3 * K, cfg.prior_hidden) if c.version == 10 else None
-        fitted = adapt.from_bytes(c.tiles[0], cfg.levels, cfg.channels, 4 + 6 * K, shape)[:2]
-        assert len(c.tiles) == 1 and fitted[0] and (c.version == 9 or fitted[1])
+        shape = (3 * K, cfg.prior_hidden) if layout(c.version) == 7 else None
+        fitted = adapt.from_bytes(c.flow_tiles[0], cfg.levels, cfg.channels, 4 + 6 * K, shape)[:2]
+        assert len(c.flow_tiles) == 1 and fitted[0] and (layout(c.version) == 6 or fitted[1])
     assert write(name, fitted) == data
 
 
@@ -60,6 +61,8 @@ def test_golden_files_cover_adaptation_tiles_and_alpha():
     assert info["tiled"]["tiles"] == 6
     assert info["rgba"]["rest"] is not None and info["rgba"]["mode"] == "RGBA"
     assert info["la"]["rest"] is not None and info["la"]["mode"] == "LA" and info["la"]["model"] == "grey"
+    assert info["mixed"]["classical_tiles"] == 1 and info["mixed"]["tiles"] == 2 and info["mixed"]["adapted_tiles"] == 1
+    assert info["graphic"]["rest"]["method"] == REST_WEBP and info["graphic"]["tiles"] == 0
 
 
 @pytest.mark.parametrize("name", ["rgb_v5", "rgba_v5", "tiled_v5", "rgb_e7_v6", "rgb_e8_v7"])
@@ -79,7 +82,7 @@ def test_default_files_of_version_8_still_decode():
     info = idfzip.inspect(data)
     assert info["version"] == 8 and info["layout"] == 5 and info["split_windows"] and info["adapted_tiles"] == 1
     assert idfzip.decompress(data).tobytes() == _source("rgb").tobytes()
-    assert idfzip.compress(_source("rgb"), "natural", effort=4) == data
+    assert idfzip.compress(_source("rgb"), "natural", effort=4, flow_only=True) == data
 
 
 @pytest.mark.parametrize("name", ["rgb", "rgba", "tiled"])
@@ -124,8 +127,9 @@ WRITER = """
 import sys, torch, idfzip
 from PIL import Image
 print(torch.backends.cpu.get_cpu_capability())
-for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):
-    open(dst, "wb").write(idfzip.compress(Image.open(src), "natural"))
+for src, dst in zip(sys.argv[1::2], sys.argv[2::2]):  # mixed.png: a flow tile and a WebP tile; others: the flow
+    kw = {"tile": 128} if src.endswith("mixed.png") else {"flow_only": True}
+    open(dst, "wb").write(idfzip.compress(Image.open(src), "natural", **kw))
 """
 READER = """
 import sys, json, torch, idfzip
@@ -153,12 +157,13 @@ def test_instruction_set_matrix(tmp_path):
     version 3 failed this). Each reader also decodes the golden effort-7 files (versions 9 and 6, adaptation
     offsets), written on an AVX-512 machine with int8 products (test_flows checks that the float32 products of
     CPUs without VNNI give the same integers), and the effort-8 files (versions 10 and 7, output updates;
-    AVX-512, int8 products)."""
+    AVX-512, int8 products). mixed.png is written with a flow tile and a WebP tile (version 12), and each reader
+    also decodes the golden mixed.idfz and graphic.idfz (version 11, stored whole as WebP)."""
     if len(CAPABILITIES) < 2:
         pytest.skip(f"torch runs only one CPU kernel set here ({torch.backends.cpu.get_cpu_capability()})")
     grey = tmp_path / "grey.png"
     Image.open(GOLDEN / "tiled.png").convert("L").save(grey)
-    sources = [GOLDEN / "rgb.png", GOLDEN / "rgba.png", grey]
+    sources = [GOLDEN / "rgb.png", GOLDEN / "rgba.png", grey, GOLDEN / "mixed.png"]
     files = {}
     for cap in CAPABILITIES:
         args = []
@@ -171,8 +176,12 @@ def test_instruction_set_matrix(tmp_path):
     for src in sources:
         assert len({files[cap, src.stem].read_bytes() for cap in CAPABILITIES}) == 1, src.stem
         assert Container.from_bytes(files["default", src.stem].read_bytes()).tiles  # the grey one by the grey model
+    assert Container.from_bytes(files["default", "mixed"].read_bytes()).version == 12
     for name in ("rgb_e7", "rgb_e8", "rgb_e7_v6", "rgb_e8_v7"):
         files[name, "rgb"] = GOLDEN / f"{name}.idfz"
+    files["golden", "mixed"] = GOLDEN / "mixed.idfz"
+    sources.append(GOLDEN / "graphic.png")
+    files["golden", "graphic"] = GOLDEN / "graphic.idfz"
     for cap in CAPABILITIES:
         decoded = json.loads(_run(READER, cap, *map(str, files.values()))[1])
         for (_, stem), path in files.items():
@@ -240,7 +249,7 @@ def test_a_nearly_constant_image_pays_the_minimum_and_decodes():
     """Flow-coded symbols cost at least coding.MIN_SYMBOL_BITS each, so the decoder can bound its work."""
     a = np.full((256, 256, 3), 90, dtype=np.uint8)
     a[100, 100] = 91
-    data = idfzip.compress(Image.fromarray(a), load_shipped("natural"))
+    data = idfzip.compress(Image.fromarray(a), load_shipped("natural"), flow_only=True)  # (WebP: 98 bytes)
     assert Container.from_bytes(data).tiles
     assert idfzip.decompress(data).tobytes() == a.tobytes()
 
