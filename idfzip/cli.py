@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import registry
 from .container import MAGIC, REST_METHODS, Container, inspect
-from .errors import IdfzipError
+from .errors import IdfzipError, ModelNotFoundError
 from .imagefile import IMAGE_SUFFIXES, MAX_INPUT_BYTES, decode_image, read_input
 
 DEFAULT_TILE = 1024  # = codec.DEFAULT_TILE, which needs torch to import; a test checks they agree
@@ -823,13 +823,19 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, flo
         raise IdfzipError("a codec did not reproduce the image exactly (see the table)")
 
 
-@cli.command("models")
+@cli.group("models", invoke_without_command=True)
 @click.option("-q", "--quiet", is_flag=True, help="Names only, one per line.")
 @click.option("-v", "--verbose", is_flag=True, help="Also each model's architecture and training step.")
-def models_cmd(quiet, verbose):
-    """List the shipped models (* the defaults) and what each is for."""
+@click.pass_context
+def models_cmd(ctx, quiet, verbose):
+    """List the shipped models (* the defaults) and the installed ones, and what each is for; 'models add FILE'
+    installs a model file in the model store ($IDFZIP_MODELS), so that files written with it decode without
+    --model."""
+    if ctx.invoked_subcommand:
+        return
+    mine = registry.installed()
     if quiet:
-        click.echo("\n".join(registry.available()))
+        click.echo("\n".join(registry.available() + mine))
         return
     rows = [("model", "sha256", "parameters", "for", "file")]
     for name in registry.available():
@@ -838,6 +844,13 @@ def models_cmd(quiet, verbose):
         mark = "*" if name in (registry.DEFAULT_MODEL, registry.GREY_MODEL) else ""
         use = registry.PURPOSES.get(name, "")
         rows.append((name + mark, d["sha256"][:16], f"{d['parameters']:,}", use, str(path)))
+    for name in mine:
+        path = registry.installed_path(name)
+        try:
+            d = registry.describe(path)
+        except ModelNotFoundError:
+            continue
+        rows.append((name, d["sha256"][:16], f"{d['parameters']:,}", "installed", str(path)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
@@ -849,8 +862,59 @@ def models_cmd(quiet, verbose):
             )
     click.echo(
         f"* the defaults ({registry.GREY_MODEL} for L and LA images); another with --model NAME (or a .safetensors"
-        " file: --model PATH)"
+        f" file: --model PATH); installed models: {registry.store_dir()} ('idfzip models add FILE')"
     )
+
+
+@models_cmd.command("add")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-f", "--force", is_flag=True, help="Replace an installed model of the same name (its files then fail).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def models_add(file, force, quiet):
+    """Install the model FILE (NAME.safetensors, as 'idfzip train' writes it) in the model store under NAME:
+    'compress --model NAME' then uses it, and files written with it decode without --model."""
+    import shutil
+    import tempfile
+
+    from . import zoo
+
+    src = Path(file)
+    if not src.is_file():
+        raise IdfzipError(f"{file}: no such model file")
+    name = src.stem if src.suffix == ".safetensors" else src.name
+    if not registry._valid_name(name):
+        raise IdfzipError(f"{file}: a model's name (its file's stem) may hold letters, digits, '-', '_' and '.'")
+    if name in registry.available():
+        raise IdfzipError(f"{file}: a shipped model is called {name!r}: rename the file to install it")
+    model = zoo.model_from_bytes(src.read_bytes(), name, str(src))  # a valid idfzip model, or ModelNotFoundError
+    sha = model.sha256.hex()
+    have = registry.installed_path(name)
+    if have is not None:
+        old = registry.describe(have)["sha256"]
+        if old == sha:
+            if not quiet:
+                click.echo(f"{name}: already installed ({have}, sha256 {sha[:16]})")
+            return
+        if not force:
+            raise IdfzipError(
+                f"another model called {name!r} is installed (sha256 {old[:16]}), and the files written with it "
+                "need it: rename this file, or --force to replace it"
+            )
+    store = registry.store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=store, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, store / f"{name}.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if not quiet:
+        click.echo(
+            f"{name}: installed in {store} (sha256 {sha[:16]}, {model.flow.num_parameters():,} parameters); "
+            f"use it with --model {name}"
+        )
 
 
 def _interrupted() -> None:

@@ -49,7 +49,7 @@ from .planes import (
     split,
 )
 from .priors import FloatMixture, IntMixture
-from .zoo import Model, default_model, is_shipped, load, load_by_hash, load_shipped, with_device
+from .zoo import Model, default_model, is_shipped, load, load_by_hash, load_named, with_device
 
 DEFAULT_TILE = 256  # small enough that WebP can take a smooth sky or a flat background tile by tile
 SMALL_IMAGE = 64 * 64  # colour parts (RGB, L) up to this many pixels also try the classical coding and keep the smaller
@@ -685,7 +685,7 @@ def _model_for(c: Container, model: str | Model | None, device: str) -> Model:
     """The model a flow-coded container needs: ``model`` if given (checked against the file), else the one
     the file names."""
     mdl = _given(model, FLOW_MODES.get(c.mode), device) or with_device(
-        load_by_hash(c.model_hash) if c.by_hash else load_shipped(c.model_name), device
+        load_by_hash(c.model_hash) if c.by_hash else load_named(c.model_name, c.model_hash), device
     )
     if all(h[:MODEL_HASH_BYTES] != c.model_hash for h in mdl.hashes(c.version)):
         written = f"model {c.flow_model!r}" if c.flow_model else "a shipped model"

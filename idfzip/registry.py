@@ -1,6 +1,11 @@
-"""Where models are and what they are, without torch: shipped models by name and by hash, model files by path,
-and a model file's facts read from its safetensors header. ``idfzip models`` and ``idfzip info`` use only
-this, so they answer at once; loading weights is zoo's.
+"""Where models are and what they are, without torch: shipped models by name and by hash, the user's installed
+models (the model store) by name, model files by path, and a model file's facts read from its safetensors
+header. ``idfzip models`` and ``idfzip info`` use only this, so they answer at once; loading weights is zoo's.
+
+The store is a folder (``$IDFZIP_MODELS``, else ``$XDG_DATA_HOME/idfzip/models``, else
+``~/.local/share/idfzip/models``) of ``NAME.safetensors`` files put there by ``idfzip models add``: a file written
+with an installed model names it (its name and hash prefix), and decodes without ``--model``. A name is never both
+shipped and installed, and an installed name holds one model (another is refused unless replaced on purpose).
 """
 
 from __future__ import annotations
@@ -44,6 +49,38 @@ def models_dir() -> Path | None:
 def available() -> list[str]:
     d = models_dir()
     return sorted(p.stem for p in d.glob("*.safetensors")) if d else []
+
+
+def store_dir() -> Path:
+    """The model store (see the module's docstring); it need not exist."""
+    if os.environ.get("IDFZIP_MODELS"):
+        return Path(os.environ["IDFZIP_MODELS"]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "idfzip" / "models"
+
+
+def installed() -> list[str]:
+    """The names of the models in the store."""
+    d = store_dir()
+    return sorted(p.stem for p in d.glob("*.safetensors") if _valid_name(p.stem)) if d.is_dir() else []
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and name.replace("-", "").replace("_", "").replace(".", "").isalnum() and name[0] != "."
+
+
+def installed_path(name: str) -> Path | None:
+    """The store's file of model ``name`` (a bare name, never a path: names come from files being decoded)."""
+    p = store_dir() / f"{name}.safetensors"
+    return p if _valid_name(name) and p.is_file() else None
+
+
+def install_hint(name: str, prefix: bytes) -> str:
+    """What a user reads when a file needs model ``name`` (sha256 starting with ``prefix``) that is not here."""
+    return (
+        f"the file was written with model {name!r} (sha256 {prefix.hex()}...), which is not installed: install its "
+        f"file with 'idfzip models add {name}.safetensors' (the store: {store_dir()}), or give it with --model PATH"
+    )
 
 
 def shipped(name: str) -> Path:
@@ -94,13 +131,24 @@ def default_model(channels: int) -> str:
 
 
 def resolve(name_or_path: str | None) -> Path:
+    """A model file by path, or by name: shipped, else installed in the store."""
     name_or_path = name_or_path or DEFAULT_MODEL
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or os.sep in name_or_path or p.is_file():
         if not p.is_file():
             raise ModelNotFoundError(f"model file not found: {name_or_path}")
         return p
-    return shipped(name_or_path)
+    mine = installed_path(name_or_path)
+    if mine is not None and name_or_path not in available():
+        return mine
+    try:
+        return shipped(name_or_path)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(
+            f"no model named {name_or_path!r} (shipped: {', '.join(available()) or 'none'}; installed: "
+            f"{', '.join(installed()) or 'none'}, in {store_dir()}); install one with 'idfzip models add FILE', or "
+            "give the model file with --model PATH"
+        ) from None
 
 
 def describe(path: Path) -> dict:

@@ -3,7 +3,8 @@ loads (cached) and saves them. Which files exist, by name and by hash, is idfzip
 
 A model is named by its file stem (``natural`` -> ``natural.safetensors``) and identified in .idfz files by
 that name and the first bytes of the sha256 of the file. Shipped models live in the repository's models/
-folder, installed as the package ``idfzip._models``. ``--model`` accepts a shipped name or a path.
+folder, installed as the package ``idfzip._models``; a user's models in the model store (idfzip.registry,
+``idfzip models add``). ``--model`` accepts a shipped or installed name, or a path.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from .registry import (  # noqa: F401 (the registry's names, as zoo has always o
     FORMAT_VERSION,
     available,
     default_model,
+    install_hint,
+    installed,
+    installed_path,
     models_dir,
     resolve,
     shipped,
@@ -124,6 +128,18 @@ def load_by_hash(prefix: bytes) -> Model:
             f"(shipped: {', '.join(available()) or 'none'}); give the model file with --model"
         )
     return load_shipped(name)
+
+
+def load_named(name: str, prefix: bytes) -> Model:
+    """The model a file names (``name``, its sha256 starting with ``prefix``): the shipped model of that name, else
+    the installed one; ModelNotFoundError saying how to install it where neither is here (the caller checks the
+    hash)."""
+    if name in available():
+        return load_shipped(name)
+    p = installed_path(name)
+    if p is None:
+        raise ModelNotFoundError(install_hint(name, prefix))
+    return _load_cached(str(p.resolve()), p.stat().st_mtime)
 
 
 @lru_cache(maxsize=8)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from idfzip.planes import encode_meta
 from idfzip.zoo import load, save_model
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# the model store of every test (and of the processes tests start) is a fresh folder, never the user's
+os.environ["IDFZIP_MODELS"] = tempfile.mkdtemp(prefix="idfzip-test-models-")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))  # make_golden's writers, for the tests
 
 
