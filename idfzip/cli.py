@@ -26,7 +26,7 @@ from .container import MAGIC, REST_METHODS, Container, inspect
 from .errors import IdfzipError, ModelNotFoundError
 from .imagefile import IMAGE_SUFFIXES, MAX_INPUT_BYTES, decode_image, read_input
 
-DEFAULT_TILE = 1024  # = codec.DEFAULT_TILE, which needs torch to import; a test checks they agree
+DEFAULT_TILE = 256  # = codec.DEFAULT_TILE, which needs torch to import; a test checks they agree
 DEFAULT_EFFORT = 5  # = codec.DEFAULT_EFFORT, likewise
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
 LOSSLESS_SUFFIXES = {

@@ -278,16 +278,12 @@ def decode_vp8l(vp8l: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
             if webp.size != size:
                 raise CorruptFileError("WebP plane does not match the header")
             webp.load()
+            if mode in ("RGB", "RGBA"):
+                return webp.convert(mode)  # (a copy where it is that mode already)
             rgba = webp.convert("RGBA")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         raise CorruptFileError("corrupted WebP plane") from None
-    bands = rgba.split()
-    return {
-        "RGBA": lambda: rgba,
-        "RGB": lambda: rgba.convert("RGB"),
-        "L": lambda: bands[0],
-        "LA": lambda: Image.merge("LA", (bands[0], bands[3])),
-    }[mode]()
+    return rgba.getchannel("R") if mode == "L" else Image.merge("LA", (rgba.getchannel("R"), rgba.getchannel("A")))
 
 
 def encode_rest(im: Image.Image, webp: bool = False) -> tuple[int, bytes]:
