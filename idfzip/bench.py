@@ -301,7 +301,7 @@ def run(
             if progress:
                 progress(None)
             continue
-        args = (im, model, codec.DEFAULT_TILE, device, None, effort, flow_only)
+        args = (im, model, None, device, None, effort, flow_only)
         (data, stats), enc_s = _timed(codec.compress_with_stats, *args)
         try:
             back, dec_s = _timed(codec.decompress, data, model, device)

@@ -26,7 +26,7 @@ from .container import MAGIC, REST_METHODS, Container, inspect
 from .errors import IdfzipError, ModelNotFoundError
 from .imagefile import IMAGE_SUFFIXES, MAX_INPUT_BYTES, decode_image, read_input
 
-DEFAULT_TILE = 256  # = codec.DEFAULT_TILE, which needs torch to import; a test checks they agree
+DEFAULT_TILE, LARGE_TILE = 256, 1024  # = codec's, which needs torch to import; a test checks they agree
 DEFAULT_EFFORT = 5  # = codec.DEFAULT_EFFORT, likewise
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
 LOSSLESS_SUFFIXES = {
@@ -422,9 +422,9 @@ def _check_rm(keep: bool, rm: bool, pairs) -> None:
 @click.option(
     "--tile",
     type=click.IntRange(1, 1 << 14),
-    default=DEFAULT_TILE,
-    show_default=True,
-    help="Tile side in pixels (a multiple of the model's 2**levels).",
+    default=None,
+    help=f"Tile side in pixels (a multiple of the model's 2**levels); default {DEFAULT_TILE}, and at efforts 7-9 "
+    f"also {LARGE_TILE} (large enough for output updates), the smaller file kept.",
 )
 @click.option(
     "-e",

@@ -52,6 +52,7 @@ from .priors import FloatMixture, IntMixture
 from .zoo import Model, default_model, is_shipped, load, load_by_hash, load_named, with_device
 
 DEFAULT_TILE = 256  # small enough that WebP can take a smooth sky or a flat background tile by tile
+LARGE_TILE = 1024  # efforts 7-9 also try it: output updates pay only in slots of 2**17 symbols (adapt)
 SMALL_IMAGE = 64 * 64  # colour parts (RGB, L) up to this many pixels also try the classical coding and keep the smaller
 THIN = 16  # so do images narrower or shorter than this: padding to the model's multiple wastes most of the work
 
@@ -496,7 +497,7 @@ def _stored_whole(im: Image.Image, c: Container, webp: bool) -> bytes:
 def compress_with_stats(
     image,
     model: str | Model | None = None,
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     device: str = "cpu",
     progress: Progress = None,
     effort: int = DEFAULT_EFFORT,
@@ -505,7 +506,18 @@ def compress_with_stats(
     """Compress ``image`` (PIL image or numpy array); return the .idfz bytes and what was measured.
     ``effort`` 1..9 (``EFFORTS``): how hard the encoder fits each tile's prior adaptation (idfzip.adapt).
     ``flow_only``: no tile and no whole colour image is coded with WebP, whatever that would save (the flow's own
-    files, as before format version 11: for measuring the model)."""
+    files, as before format version 11: for measuring the model). ``tile`` None: DEFAULT_TILE, and at efforts
+    7-9 also LARGE_TILE, whose slots are large enough for output updates (FitPlan.delta), the smaller file kept."""
+    im = as_image(image)
+    sides = [tile] if tile else [DEFAULT_TILE] + [LARGE_TILE] * (effort >= 7 and max(im.size) > DEFAULT_TILE)
+    share = None if progress is None else (lambda n: progress(n / len(sides)))
+    return min((_compress(im, model, t, device, share, effort, flow_only) for t in sides), key=lambda r: len(r[0]))
+
+
+def _compress(
+    image, model: str | Model | None, tile: int, device: str, progress: Progress, effort: int, flow_only: bool
+) -> tuple[bytes, Stats]:
+    """compress_with_stats with one tile side."""
     plan = fit_plan(effort)
     if flow_only:
         plan = replace(plan, webp=0)
@@ -575,13 +587,14 @@ def compress_with_stats(
 def compress(
     image,
     model: str | Model | None = None,
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     device: str = "cpu",
     effort: int = DEFAULT_EFFORT,
     flow_only: bool = False,
 ) -> bytes:
     """Compress a PIL image or numpy array to .idfz bytes; ``effort`` 1..9 trades encoding time for size;
-    ``flow_only`` codes every colour tile by the flow, never WebP (see ``compress_with_stats``)."""
+    ``flow_only`` codes every colour tile by the flow, never WebP; ``tile`` None: the efforts' own (see
+    ``compress_with_stats``)."""
     return compress_with_stats(image, model, tile, device, effort=effort, flow_only=flow_only)[0]
 
 

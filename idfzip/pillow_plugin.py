@@ -54,10 +54,10 @@ class IdfzImageFile(ImageFile.ImageFile):
 
 
 def _save(im: Image.Image, fp, filename) -> None:
-    from .codec import DEFAULT_EFFORT, DEFAULT_TILE, compress
+    from .codec import DEFAULT_EFFORT, compress
 
     opts = im.encoderinfo
-    tile, effort = opts.get("tile", DEFAULT_TILE), opts.get("effort", DEFAULT_EFFORT)
+    tile, effort = opts.get("tile"), opts.get("effort", DEFAULT_EFFORT)
     device, flow_only = opts.get("device", "cpu"), opts.get("flow_only", False)
     fp.write(compress(im, opts.get("model"), tile=tile, device=device, effort=effort, flow_only=flow_only))
 

@@ -344,7 +344,7 @@ def test_quick_commands_do_not_import_torch(args):
     from idfzip import codec, compress
 
     assert compress is codec.compress  # the lazy names are the codec's
-    assert cli_module.DEFAULT_TILE == codec.DEFAULT_TILE
+    assert (cli_module.DEFAULT_TILE, cli_module.LARGE_TILE) == (codec.DEFAULT_TILE, codec.LARGE_TILE)
     assert cli_module.DEFAULT_EFFORT == codec.DEFAULT_EFFORT
 
 

@@ -152,10 +152,14 @@ def test_output_updates_weigh_a_slot_by_its_positions(monkeypatch):
 
     monkeypatch.setattr(adapt, "fit_delta", fit_delta)
     monkeypatch.setattr(adapt, "DELTA_MIN_SYMBOLS", 192 * 128 * 3)
+    files = {}
     for mode, C in (("RGB", 3), ("L", 1)):
         calls.clear()
-        idfzip.compress(im.convert(mode), effort=8)
+        files[mode] = idfzip.compress(im.convert(mode), effort=8, tile=1024)
         assert calls == [C] * 3, mode  # level 0's three slots, for either kind
+    calls.clear()  # the default: tiles of 256 (level 0's slots too small) and then of 1024, the smaller kept
+    data = idfzip.compress(im.convert("RGB"), effort=8)
+    assert calls == [3] * 3 and len(data) <= len(files["RGB"])
 
 
 @pytest.mark.parametrize("w,h,tile", [(90, 66, 64), (5, 3, 1024), (131, 40, 1024)])
