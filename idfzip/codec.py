@@ -81,7 +81,7 @@ class FitPlan:
     delta_steps: int = 0
     gain: int = adapt.MIN_GAIN  # the search's least saving per step (idfzip.adapt._pattern) ...
     coarse: int = adapt.COARSE_STEPS  # ... and its steps on half the sample (idfzip.adapt._search)
-    webp: int = 6  # the WebP method tried for a tile whose quick WebP comes close to the flow (WEBP_QUICK: none)
+    webp: int = 6  # the method also tried where the quick one comes close to the flow (WEBP_QUICK: none; 0: no WebP)
 
 
 def fit_plan(effort: int) -> FitPlan:
