@@ -882,7 +882,7 @@ def models_add(file, force, quiet):
     if not src.is_file():
         raise IdfzipError(f"{file}: no such model file")
     name = src.stem if src.suffix == ".safetensors" else src.name
-    if not registry._valid_name(name):
+    if not registry.valid_name(name):
         raise IdfzipError(f"{file}: a model's name (its file's stem) may hold letters, digits, '-', '_' and '.'")
     if name in registry.available():
         raise IdfzipError(f"{file}: a shipped model is called {name!r}: rename the file to install it")

@@ -24,6 +24,7 @@ import lzma
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -218,8 +219,10 @@ WEBP_WHOLE = ((4, 100), (6, 100), (6, 80))  # the (method, quality) tried for a 
 # lossless=True, method=6, whose file a VP8L stream without its 20 bytes of RIFF wrapper never exceeds
 
 
+@lru_cache(maxsize=1)
 def _webp() -> bool:
-    """Whether Pillow has WebP (PyPI's wheels do; a Pillow built without libwebp does not)."""
+    """Whether Pillow has WebP (PyPI's wheels do; a Pillow built without libwebp does not): asked once, not for
+    every tile coded and checked."""
     from PIL import features
 
     return bool(features.check_module("webp"))

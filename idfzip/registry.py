@@ -62,17 +62,18 @@ def store_dir() -> Path:
 def installed() -> list[str]:
     """The names of the models in the store."""
     d = store_dir()
-    return sorted(p.stem for p in d.glob("*.safetensors") if _valid_name(p.stem)) if d.is_dir() else []
+    return sorted(p.stem for p in d.glob("*.safetensors") if valid_name(p.stem)) if d.is_dir() else []
 
 
-def _valid_name(name: str) -> bool:
+def valid_name(name: str) -> bool:
+    """Whether ``name`` may name an installed model: letters, digits, '-', '_' and '.', not starting with '.'."""
     return bool(name) and name.replace("-", "").replace("_", "").replace(".", "").isalnum() and name[0] != "."
 
 
 def installed_path(name: str) -> Path | None:
     """The store's file of model ``name`` (a bare name, never a path: names come from files being decoded)."""
     p = store_dir() / f"{name}.safetensors"
-    return p if _valid_name(name) and p.is_file() else None
+    return p if valid_name(name) and p.is_file() else None
 
 
 def install_hint(name: str, prefix: bytes) -> str:
