@@ -358,6 +358,51 @@ def run(
     return res
 
 
+def saving_report(
+    sources: list[Source],
+    new: Model,
+    old: Model,
+    compare: Iterable[str] = ("png", "jpegxl"),
+    device: str = "cpu",
+    effort: int = codec.DEFAULT_EFFORT,
+) -> tuple[str, dict]:
+    """What a trained model saves: ``sources`` (held-out files) coded as whole files at ``effort`` by ``new`` and
+    by ``old`` (the model it would replace), beside the classical codecs of ``compare`` that are installed.
+    Returns (the lines a user reads, the figures); IdfzipError if any file does not decode exactly."""
+    mine = run(sources, new, compare, device, effort=effort)
+    theirs = run(sources, old, (), device, effort=effort)
+    if not (mine.ours.exact and theirs.ours.exact and all(t.exact for t in mine.baselines.values())):
+        raise IdfzipError("a held-out file did not decode exactly: the model is not usable")
+    rows = [(f"{new.name} (new)", mine.ours.bytes), (f"{old.name} (before)", theirs.ours.bytes)]
+    rows += [(LABELS[k], t.bytes) for k, t in mine.baselines.items()]
+    n = len(mine.images)
+    names = ", ".join(Path(i["file"]).name for i in mine.images[:8]) + (", ..." if n > 8 else "")
+    lines = [f"What it saves on the {n} held-out file{'s' * (n != 1)} ({names}), coded whole at effort {effort}:"]
+    width = max(len(r[0]) for r in rows)
+    for label, nbytes in rows:
+        lines.append(f"  {label:<{width}} {nbytes:>12,} bytes {mine.bpd(nbytes):7.3f} bpd")
+    figures = {
+        "files": [i["file"] for i in mine.images],
+        "subpixels": mine.subpixels,
+        "effort": effort,
+        "new": {
+            "name": new.name,
+            "sha256": new.sha256.hex(),
+            "bytes": mine.ours.bytes,
+            "bpd": mine.bpd(mine.ours.bytes),
+        },
+        "before": {"name": old.name, "bytes": theirs.ours.bytes, "bpd": mine.bpd(theirs.ours.bytes)},
+        "baselines": {k: {"bytes": t.bytes, "bpd": mine.bpd(t.bytes)} for k, t in mine.baselines.items()},
+    }
+    saving = 100.0 * (1.0 - mine.ours.bytes / max(1, theirs.ours.bytes))
+    figures["saving_percent"] = saving
+    verdict = f"{new.name} is {abs(saving):.1f}% {'smaller' if saving >= 0 else 'LARGER'} than {old.name}"
+    for k, t in mine.baselines.items():
+        verdict += f", {mine.ours.bytes / max(1, t.bytes):.3f}x {LABELS[k]}"
+    lines.append(f"  {verdict}; every file exact" + "".join(f"\n  ({k} skipped: {w})" for k, w in mine.skipped.items()))
+    return "\n".join(lines), figures
+
+
 def _whole_processes(
     res: Result, im: Image.Image, data: bytes, model: Model, device: str, effort: int, flow_only: bool
 ) -> None:
@@ -418,4 +463,4 @@ def plot(res: Result, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["CODECS", "Result", "bench_image", "baseline", "find_images", "plot", "run"]
+__all__ = ["CODECS", "Result", "bench_image", "baseline", "find_images", "plot", "run", "saving_report"]

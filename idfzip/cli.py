@@ -11,6 +11,7 @@ Exit status: 0 all inputs done, 1 some failed (one ``Error:`` line each; the res
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -304,32 +305,105 @@ def _check_target(dst: Path | None, force: bool, src: Path) -> None:
         raise Failure(f"{dst}: already exists (use --force to overwrite)")
 
 
-def _run_each(pairs, fn) -> None:
-    failed = 0
-    outputs: set[Path] = set()
-    for src, dst in pairs:
-        try:
-            if dst is not None:
-                key = dst.resolve()
-                if key in outputs:
-                    raise Failure(f"{src}: its output {dst} is also the output of an earlier input; skipped")
-                outputs.add(key)
-            fn(src, dst)
-        except (Failure, IdfzipError) as e:
-            msg, name = str(e), _name(src)
-            click.echo(f"Error: {msg if msg.startswith(name) else f'{name}: {msg}'}", err=True)
-            failed += 1
-        except OSError as e:
-            click.echo(f"Error: {e.filename or _name(src)}: {e.strerror or e}", err=True)
-            failed += 1
+def _run_each(pairs, fn, jobs: int | None = 1) -> None:
+    """``fn(src, dst)`` for each pair, an ``Error:`` line for each that fails (the others go on), exit status 1
+    if any failed. ``jobs`` > 1 (None: one per core): as many inputs at once in worker processes, each of
+    cores/jobs threads (or --threads); the files are the same, and each input's messages come in input order."""
+    refused, outputs = {}, set()
+    for i, (src, dst) in enumerate(pairs):
+        if dst is not None:
+            key = dst.resolve()
+            if key in outputs:
+                refused[i] = f"{src}: its output {dst} is also the output of an earlier input; skipped"
+            outputs.add(key)
+    jobs = min(jobs or _cores(), len(pairs) - len(refused))
+    if jobs > 1:
+        failed = _in_jobs(pairs, fn, jobs, refused)
+    else:
+        failed = sum(_one_input(fn, src, dst, refused.get(i)) for i, (src, dst) in enumerate(pairs))
     if failed:
         sys.exit(1)
 
 
-def _set_threads(_ctx, _param, threads: int | None) -> None:
+def _one_input(fn, src: Path, dst: Path | None, refused: str | None = None) -> bool:
+    """Run ``fn(src, dst)``; print its error, if any, as one line. Whether it failed."""
+    try:
+        if refused:
+            raise Failure(refused)
+        fn(src, dst)
+        return False
+    except (Failure, IdfzipError) as e:
+        msg, name = str(e), _name(src)
+        click.echo(f"Error: {msg if msg.startswith(name) else f'{name}: {msg}'}", err=True)
+    except OSError as e:
+        click.echo(f"Error: {e.filename or _name(src)}: {e.strerror or e}", err=True)
+    return True
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _in_jobs(pairs, fn, jobs: int, refused: dict) -> int:
+    """The inputs in ``jobs`` worker processes (spawned: nothing of this process's torch state is shared);
+    their messages are printed in input order. Ctrl-C stops the workers (no partial outputs: their writes are
+    atomic) and is reported by main(). Returns how many failed."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    threads = click.get_current_context().find_root().obj.get("threads") or max(1, _cores() // jobs)
+    pool = cf.ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_job_start, initargs=(threads,)
+    )
+    failed = 0
+    try:
+        futures = [None if i in refused else pool.submit(_job, fn, src, dst) for i, (src, dst) in enumerate(pairs)]
+        for i, ((src, dst), future) in enumerate(zip(pairs, futures)):
+            if future is None:
+                failed += _one_input(fn, src, dst, refused[i])
+                continue
+            bad, out, err = future.result()
+            click.echo(out, nl=False)
+            click.echo(err, nl=False, err=True)
+            failed += bad
+    except BaseException:
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError):
+                proc.terminate()  # SIGTERM: _job_start makes it unwind (an atomic write in progress is removed)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return failed
+
+
+def _job_start(threads: int) -> None:
+    """A worker process of ``-j``: its thread count (torch, when an input needs it, sizes its pool by these);
+    Ctrl-C is the parent's to handle, SIGTERM unwinds."""
+    import signal
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _job_stop)
+
+
+def _job_stop(*_) -> None:
+    raise SystemExit(130)
+
+
+def _job(fn, src: Path, dst: Path | None) -> tuple[bool, str, str]:
+    """One input in a worker: (failed, its stdout text, its stderr text)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        bad = _one_input(fn, src, dst)
+    return bad, out.getvalue(), err.getvalue()
+
+
+def _set_threads(ctx, _param, threads: int | None) -> None:
     if threads:
         import torch
 
+        ctx.find_root().ensure_object(dict)["threads"] = threads
         torch.set_num_threads(threads)
 
 
@@ -399,11 +473,18 @@ _FILE_OPTIONS = (
     click.option("--rm", is_flag=True, help="Remove each input once its output is written."),
     click.option("-r", "--recursive", is_flag=True, help="Go into folders given as inputs."),
     click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+    click.option(
+        "-j",
+        "--jobs",
+        type=click.IntRange(1, 256),
+        default=None,
+        help="Inputs coded at once, each job a process of cores/jobs threads (default: one job per core).",
+    ),
 )
 
 
 def _file_options(f):
-    """The options compress and decompress share: outputs, stdin/stdout, keeping inputs, folders, quiet."""
+    """The options compress and decompress share: outputs, stdin/stdout, keeping inputs, folders, quiet, jobs."""
     for option in reversed(_FILE_OPTIONS):
         f = option(f)
     return f
@@ -444,54 +525,69 @@ def _check_rm(keep: bool, rm: bool, pairs) -> None:
 @_shared("threads", "model", "device")
 @click.pass_context
 def compress(
-    ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, tile, effort, flow_only, verify, verbose
+    ctx,
+    inputs,
+    output,
+    out_dir,
+    to_stdout,
+    force,
+    keep,
+    rm,
+    recursive,
+    quiet,
+    jobs,
+    tile,
+    effort,
+    flow_only,
+    verify,
+    verbose,
 ):
     """Compress images to .idfz (INPUT.png -> INPUT.idfz; '-': stdin to stdout)."""
     pairs = _targets(_expand(inputs, recursive, IMAGE_SUFFIXES), output, out_dir, to_stdout, lambda s: ".idfz")
     _check_rm(keep, rm, pairs)
-    labels = _label(pairs)
+    opts = dict(ctx.obj, force=force, rm=rm, quiet=quiet, tile=tile, effort=effort, flow_only=flow_only)
+    opts.update(verify=verify, verbose=verbose, labels=_label(pairs))
+    _run_each(pairs, functools.partial(_compress_one, opts), jobs)
 
-    def one(src: Path, dst: Path) -> None:
-        data = _read(src)
-        if data.startswith(MAGIC):
-            raise Failure(f"{_name(src)}: already an .idfz file (decompress it)")
-        _check_target(dst, force, src)
-        im = decode_image(data, _name(src))
-        from . import codec  # after the checks: a bad input is refused without waiting for torch
-        from .planes import same_image
 
-        t0 = time.perf_counter()
-        with _progress(im.width * im.height, labels[src], verbose) as bar:
-            out, st = codec.compress_with_stats(
-                im, ctx.obj["model"], tile, ctx.obj["device"], bar.update, effort, flow_only
-            )
-        dt = time.perf_counter() - t0
-        if verify:
-            back = codec.decompress(out, ctx.obj["model"], device=ctx.obj["device"])
-            if not same_image(back, im):
-                raise Failure(f"{_name(src)}: verification failed: the decoded image differs (please report this)")
-        _write(dst, out, force)
-        _remove_input(src, rm)
-        if quiet:
-            return
-        line = (
-            f"{_name(src)} -> {_name(dst, True)}: {im.width}x{im.height} {im.mode}, {st.bytes} bytes, {st.bpd:.3f} bpd"
+def _compress_one(o: dict, src: Path, dst: Path) -> None:
+    """compress one input to ``dst``, with the command's options ``o`` (a plain dict: jobs get it pickled)."""
+    data = _read(src)
+    if data.startswith(MAGIC):
+        raise Failure(f"{_name(src)}: already an .idfz file (decompress it)")
+    _check_target(dst, o["force"], src)
+    im = decode_image(data, _name(src))
+    from . import codec  # after the checks: a bad input is refused without waiting for torch
+    from .planes import same_image
+
+    t0 = time.perf_counter()
+    with _progress(im.width * im.height, o["labels"][src], o["verbose"]) as bar:
+        out, st = codec.compress_with_stats(
+            im, o["model"], o["tile"], o["device"], bar.update, o["effort"], o["flow_only"]
         )
-        if verbose:
-            line += f", {st.method}"
-            if st.flow_bytes:
-                line += f", model NLL {st.nll_bits / st.subpixels:.3f} bpd"
-            line += f", {dt:.2f} s"
-        if verify:
-            line += ", verified identical"
-        if im.format == "JPEG":  # the pixels of a lossy file, kept exactly, are larger than the file was
-            line += (
-                f" (JPEG input: its decoded pixels are stored losslessly, {st.bytes / len(data):.1f}x the JPEG's "
-                f"{len(data)} bytes)"
-            )
-        click.echo(line, err=True)
-
-    _run_each(pairs, one)
+    dt = time.perf_counter() - t0
+    if o["verify"]:
+        back = codec.decompress(out, o["model"], device=o["device"])
+        if not same_image(back, im):
+            raise Failure(f"{_name(src)}: verification failed: the decoded image differs (please report this)")
+    _write(dst, out, o["force"])
+    _remove_input(src, o["rm"])
+    if o["quiet"]:
+        return
+    line = f"{_name(src)} -> {_name(dst, True)}: {im.width}x{im.height} {im.mode}, {st.bytes} bytes, {st.bpd:.3f} bpd"
+    if o["verbose"]:
+        line += f", {st.method}"
+        if st.flow_bytes:
+            line += f", model NLL {st.nll_bits / st.subpixels:.3f} bpd"
+        line += f", {dt:.2f} s"
+    if o["verify"]:
+        line += ", verified identical"
+    if im.format == "JPEG":  # the pixels of a lossy file, kept exactly, are larger than the file was
+        line += (
+            f" (JPEG input: its decoded pixels are stored losslessly, {st.bytes / len(data):.1f}x the JPEG's "
+            f"{len(data)} bytes)"
+        )
+    click.echo(line, err=True)
 
 
 def _default_suffix(src: Path) -> str:
@@ -531,7 +627,9 @@ def _looks_like_image(data: bytes) -> bool:
 @click.option("-v", "--verbose", is_flag=True, help="Also print the time taken.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def decompress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, test, preview, verbose):
+def decompress(
+    ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursive, quiet, jobs, test, preview, verbose
+):
     """Decompress .idfz files back to the identical image (INPUT.idfz -> INPUT.png; '-': stdin to stdout).
     The output's format follows its suffix: .png .tif .bmp .webp .ppm (stdout: PNG, or TIFF for modes PNG
     cannot hold)."""
@@ -547,31 +645,30 @@ def decompress(ctx, inputs, output, out_dir, to_stdout, force, keep, rm, recursi
     else:
         pairs = _targets(found, output, out_dir, to_stdout, _default_suffix)
     _check_rm(keep, rm, pairs)
-    labels = _label(pairs)
+    opts = dict(ctx.obj, force=force, rm=rm, quiet=quiet, preview=preview, verbose=verbose, labels=_label(pairs))
+    _run_each(pairs, functools.partial(_decompress_one, opts), jobs)
 
-    def one(src: Path, dst: Path | None) -> None:
-        data = _read(src)
-        _idfz(data, src)
-        _check_target(dst, force, src)
-        from . import codec
 
-        info = inspect(data)
-        t0 = time.perf_counter()
-        with _progress(info["width"] * info["height"], labels[src], verbose) as bar:
-            im = codec.decompress(
-                data, ctx.obj["model"], device=ctx.obj["device"], progress=bar.update, preview=preview or 0
-            )
-        dt = time.perf_counter() - t0
-        if dst is not None:
-            _write(dst, _image_bytes(im, dst), force)
-            _remove_input(src, rm)
-        if quiet:
-            return
-        line = f"{_name(src)}: OK" if dst is None else f"{_name(src)} -> {_name(dst, True)}"
-        line += f", {im.width}x{im.height} {im.mode}" + (f", {dt:.2f} s" if verbose else "")
-        click.echo(line, err=True)
+def _decompress_one(o: dict, src: Path, dst: Path | None) -> None:
+    """decompress one input to ``dst`` (None: check only), with the command's options ``o``."""
+    data = _read(src)
+    _idfz(data, src)
+    _check_target(dst, o["force"], src)
+    from . import codec
 
-    _run_each(pairs, one)
+    info = inspect(data)
+    t0 = time.perf_counter()
+    with _progress(info["width"] * info["height"], o["labels"][src], o["verbose"]) as bar:
+        im = codec.decompress(data, o["model"], device=o["device"], progress=bar.update, preview=o["preview"] or 0)
+    dt = time.perf_counter() - t0
+    if dst is not None:
+        _write(dst, _image_bytes(im, dst), o["force"])
+        _remove_input(src, o["rm"])
+    if o["quiet"]:
+        return
+    line = f"{_name(src)}: OK" if dst is None else f"{_name(src)} -> {_name(dst, True)}"
+    line += f", {im.width}x{im.height} {im.mode}" + (f", {dt:.2f} s" if o["verbose"] else "")
+    click.echo(line, err=True)
 
 
 @cli.command()
@@ -646,39 +743,60 @@ def info(inputs, as_json, quiet, verbose):
 
 @cli.command()
 @click.argument("data", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (NAME.safetensors).")
+@click.option(
+    "--minutes",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Stop after this many minutes (without --config: default 20, or sooner when validation stops improving).",
+)
 @click.option(
     "--config",
     "config_path",
-    required=True,
     type=click.Path(exists=True, dir_okay=False),
-    help='JSON: {"model": {...}, "train": {...}} (see docs/MODELS.md).',
+    help='JSON: {"model": {...}, "train": {...}} (docs/MODELS.md). Without it: fine-tune the shipped model.',
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (NAME.safetensors).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint OUT.ckpt of an earlier run.")
 @click.option(
     "--init-from",
     type=click.Path(exists=True, dir_okay=False),
     help="Start from this model file's weights where they fit (a grown config keeps its function).",
 )
-@click.option("--steps", type=click.IntRange(1), default=None, help="Override the config's step count.")
-@click.option("--minutes", type=click.FloatRange(0), default=None, help="Stop after this many minutes.")
-@click.option("--val-images", type=click.IntRange(1), default=None, help="Override the config's held-out image count.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Stop after this many steps.")
+@click.option("--val-images", type=click.IntRange(1), default=None, help="Hold out this many images for validation.")
+@click.option("--no-report", is_flag=True, help="Skip the end report (the held-out files coded with both models).")
 @click.option("--device", "train_device", type=click.Choice(["cpu", "cuda"]), default=None, help="Train here.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite an existing OUT.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress or log lines: errors and the result only.")
-@click.option("-v", "--verbose", is_flag=True, help="Log lines every 50 steps even beside the progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, log lines or report: errors and the model's line only.")
+@click.option("-v", "--verbose", is_flag=True, help="A log line every 50 steps instead of the progress bar.")
 @_shared("threads")
 @click.pass_context
 def train(
-    ctx, data, config_path, out, resume, init_from, steps, minutes, val_images, train_device, force, quiet, verbose
+    ctx,
+    data,
+    out,
+    minutes,
+    config_path,
+    resume,
+    init_from,
+    steps,
+    val_images,
+    no_report,
+    train_device,
+    force,
+    quiet,
+    verbose,
 ):
-    """Train a model on DATA (folders, images or zips of images) and write OUT, usable at once with --model."""
+    """Train a model on DATA (folders, images or zips of images) and write OUT, usable at once with --model.
+
+    Without --config it fine-tunes the shipped model for the images' kind (natural for colour, grey when all
+    are greyscale), holds a tenth of the files out (named in the log), and ends with what the new model saves
+    on them, as whole files, beside the shipped model (and PNG and JPEG-XL when imagecodecs is installed)."""
     import dataclasses
 
-    from tqdm import tqdm
-
+    from . import registry, zoo
     from . import train as training
-    from . import zoo
+    from .imagefile import find_images
 
     device = train_device or ctx.obj["device"]
     out = Path(out)
@@ -686,11 +804,17 @@ def train(
         raise click.UsageError("--out must end in .safetensors (the model's name is the file's stem)")
     if out.exists() and not (force or resume):
         raise IdfzipError(f"{out} exists (use --force to overwrite, --resume to continue its run)")
+    if quiet and verbose:
+        raise click.UsageError("give -q or -v, not both")
     ckpt = Path(str(out) + ".ckpt")
     if resume and not ckpt.is_file():
         raise IdfzipError(f"no checkpoint {ckpt} to resume from")
     try:
-        model_cfg, train_cfg = training.load_config(config_path)
+        if config_path:
+            model_cfg, train_cfg = training.load_config(config_path)
+        else:
+            model_cfg, train_cfg, start = training.auto_config(find_images(data))
+            init_from = init_from or str(start)
         over = {"steps": steps, "minutes": minutes, "val_images": val_images}
         over = {k: v for k, v in over.items() if v is not None}
         train_cfg = dataclasses.replace(train_cfg, **over)
@@ -702,24 +826,8 @@ def train(
         if not torch.cuda.is_available():
             raise IdfzipError("--device cuda: no CUDA device is available")
     helper = os.environ.get("RANK", "0") != "0"  # under torchrun, process 0 alone reports
-    if quiet and verbose:
-        raise click.UsageError("give -q or -v, not both")
-    bar = tqdm(
-        total=train_cfg.steps,
-        desc="train",
-        unit="step",
-        file=sys.stderr,
-        disable=helper or quiet or None,
-        dynamic_ncols=True,
-    )
-
-    def progress(step: int, bpd: float | None) -> None:
-        bar.n = step
-        if bpd is not None:
-            bar.set_postfix_str(f"{bpd:.4f} bpd", refresh=False)
-        if step % 10 == 0 or bpd is None:
-            bar.refresh()
-
+    log = (lambda line: None) if quiet else lambda line: _tqdm_write(line)
+    bar = _TrainBar(train_cfg, disable=helper or quiet or verbose)
     try:
         training.train(
             model_cfg,
@@ -730,20 +838,75 @@ def train(
             resume=ckpt if resume else None,
             device=device,
             init_from=init_from,
-            log=(lambda line: None) if quiet else lambda line: bar.write(line, file=sys.stderr),
+            log=log,
             # no terminal (or -v): a log line every 50 steps; -q: neither
-            progress=None if bar.disable or verbose else progress,
+            progress=None if bar is None else bar,
         )
     except (ValueError, OSError) as e:
         raise IdfzipError(str(e)) from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if helper:
         return
     if not out.exists():
         raise IdfzipError("training ended before its first validation: no model written")
     m = zoo.load(str(out))
     click.echo(f"{out}: {m.flow.num_parameters()} parameters, validation {m.metadata.get('val_bpd', '?')} bpd")
+    if no_report or quiet:
+        return
+    from . import bench
+
+    held = training.split_holdout(find_images(data), train_cfg.val_images, train_cfg.holdout)[1]
+    before = zoo.load(init_from if init_from and not config_path else registry.default_model(model_cfg.channels))
+    click.echo(f"coding the {len(held)} held-out files with {m.name} and {before.name} ...", err=True)
+    try:
+        text, _ = bench.saving_report(held, m, before, device=device)
+    except IdfzipError as e:
+        raise IdfzipError(f"report: {e}") from None
+    click.echo(text)
+
+
+def _tqdm_write(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+class _TrainBar:
+    """The progress bar of ``train``: steps, or with a time limit, minutes; the running training bpd and the
+    last and best validation bpd. Called as train's ``progress``; None where there is no terminal."""
+
+    def __new__(cls, tc, disable: bool):
+        if disable or not sys.stderr.isatty():
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, tc, disable: bool):
+        import time
+
+        from tqdm import tqdm
+
+        self.timed = bool(tc.minutes)
+        total = round(tc.minutes * 60) if self.timed else tc.steps
+        unit = "s" if self.timed else "step"
+        self.bar = tqdm(total=total, desc="train", unit=unit, file=sys.stderr, dynamic_ncols=True)
+        self.start, self.clock = time.time(), time.time
+        self.val = self.best = None
+
+    def __call__(self, step: int, bpd: float | None, val: float | None) -> None:
+        if val is not None:
+            self.val, self.best = val, val if self.best is None else min(self.best, val)
+        self.bar.n = min(self.bar.total, round(self.clock() - self.start)) if self.timed else step
+        text = f"step {step}" + (f", train {bpd:.4f}" if bpd is not None else "")
+        if self.val is not None:
+            text += f", validation {self.val:.4f} (best {self.best:.4f}) bpd"
+        self.bar.set_postfix_str(text, refresh=False)
+        if step % 10 == 0 or val is not None or bpd is None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @cli.command()

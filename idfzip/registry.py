@@ -27,6 +27,7 @@ PURPOSES = {
     "natural-v1": "the first natural model (to 2026-12), kept so that the files it wrote decode",
     "grey": "greyscale photos (L and LA images)",
     "cifar10": "tiny 32x32 images (CIFAR-10)",
+    "histology": "H&E-stained histology tiles (brightfield microscopy slides)",
 }
 FORMAT = "idfzip-model"
 FORMAT_VERSION = "1"

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import registry
 from .flows import HierarchicalIDF, IDFConfig
 from .flows.nets import ConvNet
-from .imagefile import find_images
+from .imagefile import Source, find_images
 from .zoo import save_model
 
 
@@ -48,6 +49,7 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" or "adamax" (the IDF paper's)
     ema: float = 0.0  # validate and export an exponential moving average of the weights with this decay (0: off)
     amp: bool = False  # bfloat16 autocast of the priors' hidden layers (GPUs; validation and export stay float32)
+    patience: int = 0  # stop when this many validations in a row have not improved on the best (0: never)
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamax"):
@@ -58,6 +60,8 @@ class TrainConfig:
             raise ValueError("ema must be in [0, 1)")
         if min(self.crop, self.batch, self.steps, self.val_every, self.val_images) < 1 or self.lr <= 0:
             raise ValueError("crop, batch, steps, val_every, val_images and lr must be positive")
+        if self.patience < 0:
+            raise ValueError("patience must be 0 (never stop early) or positive")
 
 
 def load_config(path: str | Path) -> tuple[IDFConfig, TrainConfig]:
@@ -79,13 +83,14 @@ def load_config(path: str | Path) -> tuple[IDFConfig, TrainConfig]:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_images(sources: list[str | Path], limit: int = 0, channels: int = 3) -> list[np.ndarray]:
-    """uint8 arrays (H, W, channels) from folders (recursively), single images, or zips of images, sorted:
-    every image as RGB, or as L (Pillow's ITU-R 601 luma) for a 1-channel model."""
+def load_images(sources: list, limit: int = 0, channels: int = 3) -> list[np.ndarray]:
+    """uint8 arrays (H, W, channels) from folders (recursively), single images, or zips of images, sorted (or
+    from the :class:`Source` list of ``find_images``): every image as RGB, or as L (Pillow's ITU-R 601 luma) for
+    a 1-channel model."""
     if channels not in (1, 3):
         raise ValueError(f"models of {channels} channels are not trained here (1 or 3)")
     mode = "L" if channels == 1 else "RGB"
-    found = find_images(sources)
+    found = sources if all(isinstance(s, Source) for s in sources) else find_images(sources)
     return [np.atleast_3d(np.asarray(src.open().convert(mode))).copy() for src in found[: limit or None]]
 
 
@@ -97,6 +102,56 @@ def split_holdout(images: list, n: int, how: str = "last") -> tuple[list, list]:
         raise ValueError(f"unknown holdout {how!r}")
     held = {int(i) for i in np.linspace(0, len(images) - 1, n).round()}
     return [im for i, im in enumerate(images) if i not in held], [images[i] for i in sorted(held)]
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def auto_channels(sources: list[Source]) -> int:
+    """1 when every image is greyscale (its mode: L, LA, 1-bit, 16-bit grey), else 3."""
+    return 1 if sources and all(src.open().mode in GREY_MODES for src in sources) else 3
+
+
+def auto_holdout(n: int) -> int:
+    """Images held out for validation when training without a config: a tenth, 1 to 8."""
+    if n < 2:
+        raise ValueError(f"need at least 2 images (one is held out for validation), found {n}")
+    return max(1, min(AUTO_MAX_VAL, round(n / 10)))
+
+
+AUTO_MAX_VAL = 8
+AUTO_MINUTES = 20.0  # zero-config training's default time limit (docs/MODELS.md, "Train your own")
+AUTO_CROP = 128  # pixels per step: 8 crops of 128 x 128, or more smaller crops of small images
+AUTO = TrainConfig(
+    crop=AUTO_CROP,
+    batch=8,
+    lr=3e-4,
+    warmup=50,
+    decay=1.0,  # constant after warm-up: the time limit ends the run, not a schedule
+    min_lr=3e-4,
+    steps=1_000_000,
+    minutes=AUTO_MINUTES,
+    val_every=50,
+    holdout="spread",
+    ema=0.0,
+    patience=6,
+)
+
+
+def auto_config(sources: list[Source]) -> tuple[IDFConfig, TrainConfig, Path]:
+    """(model config, training config, model to start from) for fine-tuning without a config file: the
+    shipped model for the images' kind (natural for colour, grey when all are greyscale), its architecture,
+    a tenth of the files (spread over the sorted list) held out, crops of up to 128 (smaller for small images:
+    as many pixels per step), and the settings measured in docs/MODELS.md ("Train your own")."""
+    channels = auto_channels(sources)
+    start = registry.shipped(registry.default_model(channels))
+    model = IDFConfig.from_dict(json.loads(registry.describe(start)["metadata"]["config"]))
+    m = 1 << model.levels
+    sides = sorted(min(src.open().size) for src in sources)
+    crop = min(AUTO_CROP, max(m, sides[len(sides) // 2] // m * m)) if sides else AUTO_CROP
+    batch = min(128, AUTO.batch * (AUTO_CROP // crop) ** 2)
+    tc = dataclasses.replace(AUTO, crop=crop, batch=batch, val_images=auto_holdout(len(sources)), threads=0)
+    return model, tc, start
 
 
 def _crops(images: list[np.ndarray], n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -142,6 +197,8 @@ def evaluate(model: HierarchicalIDF, images: list[np.ndarray], size: int = 256) 
 
 
 CALIBRATION_BATCHES = 8
+EXPORT_PERIOD = 600.0  # seconds: a new best model is written at most this often, and at the end of the run
+MIN_GAIN = 1e-4  # a validation counts as an improvement (for patience) when it is this much better, relatively
 
 
 def calibrate(model: HierarchicalIDF, images: list[np.ndarray], crop: int, batch: int, seed: int = 0) -> None:
@@ -291,11 +348,15 @@ def train(
     log: Callable[[str], None] = print,
     progress: Callable[[int, float | None], None] | None = None,
 ) -> HierarchicalIDF:
-    """Train and export ``out`` (safetensors), the best validation checkpoint so far, ready for coding.
+    """Train and export ``out`` (safetensors), the best validation checkpoint so far, ready for coding: written
+    at the end, and during the run at most every EXPORT_PERIOD seconds (each export calibrates the integer
+    mode, which costs as much as several training steps).
 
     A checkpoint ``out + '.ckpt'`` (weights, optimiser, step, best validation) is written at each validation;
-    ``resume`` continues from one. ``progress(step, running training bpd)`` is called after every step, and with None on resuming (the
-    running figure is process 0's slice of the batch under torchrun)."""
+    ``resume`` continues from one. ``progress(step, running training bpd, validation bpd)`` is called after
+    every step (validation None) and after each validation, and with (step, None, None) on resuming (the
+    running figure is process 0's slice of the batch under torchrun). With ``patience`` the run stops once
+    that many validations in a row have not improved on the best."""
     tc = train_config
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -306,14 +367,17 @@ def train(
         log, progress = (lambda line: None), None
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
-    images = load_images(data, channels=model_config.channels)
-    if len(images) <= tc.val_images:
+    sources = find_images(data)
+    if len(sources) <= tc.val_images:
         raise ValueError(
             f"need more than {tc.val_images} images ({tc.val_images} are held out for validation: val_images in the "
-            f"config's train section, or --val-images), found {len(images)}"
+            f"config's train section, or --val-images), found {len(sources)}"
         )
+    images = load_images(sources, channels=model_config.channels)
     train_imgs, val_imgs = split_holdout(images, tc.val_images, tc.holdout)
-    log(f"{len(train_imgs)} training images, {len(val_imgs)} validation images")
+    held = split_holdout(sources, tc.val_images, tc.holdout)[1]
+    names = ", ".join(Path(s.member or s.path).name for s in held[:8]) + (", ..." if len(held) > 8 else "")
+    log(f"{len(train_imgs)} training images, {len(val_imgs)} validation images (held out: {names})")
     model = HierarchicalIDF(model_config)
     if init_from and not resume:
         log(f"warm start from {init_from}: {warm_start(model, init_from)} tensors copied")
@@ -345,13 +409,50 @@ def train(
         torch.manual_seed(tc.seed + step)
         log(f"resumed at step {step}")
         if progress:
-            progress(step, None)  # a progress bar starts where the run is
+            progress(step, None, None)  # a progress bar starts where the run is
     log(f"model: {model.num_parameters()} parameters, {json.dumps(model_config.to_dict())}")
     if tc.ema and ema_state is None and not rank:
         ema_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    per = tc.batch // world
-    start = time.time()
+
+    pending = []  # the best snapshot not yet exported: (model, step, bpd)
+    exported = [time.time()]
+
+    def export() -> None:
+        """Calibrate and write the best snapshot (calibration costs several training steps: see EXPORT_PERIOD)."""
+        if pending:
+            snapshot, step, v = pending.pop()
+            calibrate(snapshot, train_imgs, tc.crop, tc.batch, tc.seed)
+            save_model(snapshot, out, name, {"step": str(step), "val_bpd": f"{v:.4f}"})
+            exported[0] = time.time()
+
+    def validate(step: int, running: float | None, best: float, stale: int) -> tuple[float, int]:
+        """Validate a CPU copy (of the averaged weights, with ema), keep it if it is the best, and checkpoint."""
+        snapshot = copy.deepcopy(model)
+        if ema_state:
+            snapshot.load_state_dict(ema_state)
+        snapshot = snapshot.cpu().eval()
+        _set_amp(snapshot, False)
+        v = evaluate(snapshot, val_imgs)
+        log(f"step {step} validation {v:.4f} bpd" + (" (best)" if v < best else "") + (" (the start)" * (not step)))
+        stale = 0 if v < best * (1.0 - MIN_GAIN) else stale + 1
+        best = min(best, v)
+        if progress:
+            progress(step, running, v)
+        if v == best:
+            pending[:] = [(snapshot, step, v)]
+        if pending and time.time() - exported[0] >= EXPORT_PERIOD:
+            export()
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
+        torch.save({**state, "ema": ema_state, "config": model_config.to_dict()}, str(ckpt) + ".tmp")
+        os.replace(str(ckpt) + ".tmp", ckpt)  # a run stopped while saving keeps its previous checkpoint
+        return best, stale
+
+    start = time.time()  # the time limit counts from here
     running = None
+    stale = 0  # validations in a row without a new best
+    if init_from and not resume and not rank:  # the starting model is the one to beat (and exported if never beaten)
+        best, stale = validate(0, None, best, stale)
+    per = tc.batch // world
     while step < tc.steps:
         lr = tc.lr * min(1.0, (step + 1) / tc.warmup) * max(tc.decay ** max(0, step - tc.warmup), tc.min_lr / tc.lr)
         for g in opt.param_groups:
@@ -374,27 +475,19 @@ def train(
         if world > 1 and tc.minutes:
             done = _all_true(done, device)
         if progress:
-            progress(step, running)
+            progress(step, running, None)
         if step % 50 == 0 and not progress:
             log(f"step {step} lr {lr:.2e} train {running:.4f} bpd ({time.time() - start:.0f}s)")
         if (step % tc.val_every == 0 or done or step == tc.steps) and not rank:
-            # a CPU copy (of the averaged weights, with ema) is validated, calibrated and exported
-            snapshot = copy.deepcopy(model)
-            if ema_state:
-                snapshot.load_state_dict(ema_state)
-            snapshot = snapshot.cpu().eval()
-            _set_amp(snapshot, False)
-            v = evaluate(snapshot, val_imgs)
-            log(f"step {step} validation {v:.4f} bpd" + (" (best)" if v < best else ""))
-            best = min(best, v)
-            if v == best:
-                calibrate(snapshot, train_imgs, tc.crop, tc.batch, tc.seed)
-                save_model(snapshot, out, name, {"step": str(step), "val_bpd": f"{v:.4f}"})
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
-            torch.save({**state, "ema": ema_state, "config": model_config.to_dict()}, str(ckpt) + ".tmp")
-            os.replace(str(ckpt) + ".tmp", ckpt)  # a run stopped while saving keeps its previous checkpoint
+            best, stale = validate(step, running, best, stale)
+            if tc.patience and stale >= tc.patience:
+                log(f"validation has not improved for {stale} checks: stopping")
+                done = True
+        if world > 1 and tc.patience and step % tc.val_every == 0:
+            done = _all_true(done, device)  # process 0's early stop
         if done:
             break
+    export()
     if world > 1:
         import torch.distributed as dist
 

@@ -453,3 +453,28 @@ def test_read_only_output_folder(run, tmp_path):
     finally:
         out.chmod(0o755)
     assert r.exit_code == 1 and r.output == f"Error: {out / 'a.idfz'}: cannot write into {out}: Permission denied\n"
+
+
+def test_jobs_give_the_same_files_and_messages_in_input_order(run, tmp_path):
+    """-j 2 codes inputs in two worker processes: the same files as -j 1, each input's line in input order, a
+    bad input reported and the others written (exit status 1), as one at a time."""
+    srcs = []
+    for i in range(3):
+        srcs.append(tmp_path / f"{i}.png")
+        Image.fromarray(photo(64 + 16 * i, 48, seed=i)).save(srcs[-1])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    outs = {}
+    for j in (1, 2):
+        r = run("compress", "-j", j, "--flow-only", "--out-dir", tmp_path / f"j{j}", srcs[0], bad, *srcs[1:])
+        lines = r.output.splitlines()
+        assert r.exit_code == 1 and len(lines) == 4 and lines[1].startswith(f"Error: {bad}"), r.output
+        assert [line.split(" ->")[0] for line in lines[::2] + lines[3:]] == [str(srcs[0]), str(srcs[1]), str(srcs[2])]
+        outs[j] = {p.name: p.read_bytes() for p in (tmp_path / f"j{j}").iterdir()}
+    assert outs[1] == outs[2] and len(outs[1]) == 3
+    r = run("decompress", "-j", 2, "--out-dir", tmp_path / "back", *sorted((tmp_path / "j2").iterdir()))
+    assert r.exit_code == 0 and len(r.output.splitlines()) == 3, r.output
+    for s in srcs:
+        assert_same(Image.open(s), Image.open(tmp_path / "back" / s.name))
+    r = run("decompress", "-j", 2, "-t", *sorted((tmp_path / "j2").iterdir()))
+    assert r.exit_code == 0 and r.output.count(": OK") == 3

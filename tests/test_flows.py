@@ -260,3 +260,15 @@ def test_training_loss_is_finite_and_differentiable(ar):
     bits.backward()
     assert torch.isfinite(bits)
     assert all(p.grad is not None for p in flow.priors.parameters())
+
+
+def test_calibration_quantile_is_torch_quantile():
+    """The calibration's quantile from topk gives torch.quantile's numbers exactly (ties, small rows too)."""
+    from idfzip.flows.nets import CALIBRATION_QUANTILE, _upper_quantile
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 999, 1000, 1001, 20000):
+        for ties in (False, True):
+            a = torch.randn(5, n, generator=g, dtype=torch.float64) * 10
+            a = a.round() if ties else a
+            assert torch.equal(_upper_quantile(a, CALIBRATION_QUANTILE), torch.quantile(a, CALIBRATION_QUANTILE, dim=1))

@@ -233,3 +233,64 @@ def test_shipped_recipes_parse_and_build(path):
     that the integer mode's width limit allows, so a GPU slot is not lost on a recipe that cannot start."""
     config, _ = load_config(path)
     HierarchicalIDF(config)
+
+
+def test_zero_config_training_fine_tunes_the_shipped_model_and_reports_what_it_saves(tmp_path, monkeypatch):
+    """No --config: the shipped natural model is fine-tuned (its architecture), a tenth of the files (at least
+    one) is held out and named, and the end report codes the held-out files with both models; the model is
+    then found by hash once installed."""
+    monkeypatch.setenv("IDFZIP_MODELS", str(tmp_path / "store"))
+    data = tmp_path / "lab"
+    data.mkdir()
+    for i in range(5):
+        Image.fromarray(photo(48, 40, seed=i)).save(data / f"t{i}.png")
+    out = tmp_path / "lab.safetensors"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["train", str(data), "--out", str(out), "--steps", "2"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "4 training images, 1 validation images (held out: t0.png)" in r.output
+    assert "step 0 validation" in r.output and "(the start)" in r.output
+    report = r.output[r.output.index("What it saves") :]
+    assert "held-out file (t0.png)" in report and "lab (new)" in report and "natural (before)" in report
+    assert "every file exact" in report and ("smaller than natural" in report or "LARGER than natural" in report)
+    model = load(str(out))
+    natural = load("natural")
+    assert model.flow.config == natural.flow.config and model.sha256 != natural.sha256
+    assert runner.invoke(cli, ["models", "add", str(out), "-q"]).exit_code == 0
+    im = Image.fromarray(photo(64, 64, seed=9))
+    (tmp_path / "x.png").unlink(missing_ok=True)
+    im.save(tmp_path / "x.png")
+    assert runner.invoke(cli, ["compress", "--model", "lab", "-q", str(tmp_path / "x.png")]).exit_code == 0
+    r = runner.invoke(cli, ["decompress", "-o", str(tmp_path / "y.png"), str(tmp_path / "x.idfz")])
+    assert r.exit_code == 0, r.output
+    assert Image.open(tmp_path / "y.png").tobytes() == im.tobytes()
+
+
+def test_auto_config_picks_the_model_crop_and_holdout(tmp_path):
+    from idfzip.imagefile import find_images
+    from idfzip.train import AUTO, auto_config, auto_holdout
+
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).convert("L").save(tmp_path / f"g{i}.png")
+    model, tc, start = auto_config(find_images([tmp_path]))
+    assert start.stem == "grey" and model.channels == 1 and tc.crop == 32 and tc.batch == 128
+    Image.fromarray(photo(300, 200)).save(tmp_path / "c.png")
+    model, tc, start = auto_config(find_images([tmp_path / "c.png", tmp_path / "g0.png"]))
+    assert start.stem == "natural" and model.channels == 3 and tc.val_images == 1 and tc.holdout == "spread"
+    assert tc.minutes == AUTO.minutes and tc.patience > 0
+    assert [auto_holdout(n) for n in (2, 14, 15, 30, 1000)] == [1, 1, 2, 3, 8]
+    with pytest.raises(ValueError, match="at least 2"):
+        auto_holdout(1)
+
+
+def test_early_stop_when_validation_stops_improving(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).save(data / f"{i}.png")
+    cfg = write_config(tmp_path / "c.json", steps=200, val_every=1, lr=1e-12, warmup=1, patience=2, ema=0.0)
+    out = tmp_path / "m.safetensors"
+    r = CliRunner().invoke(cli, ["train", str(data), "--config", str(cfg), "--out", str(out), "--no-report"])
+    assert r.exit_code == 0, r.output
+    assert "has not improved for 2 checks: stopping" in r.output
+    assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] < 200

@@ -129,6 +129,18 @@ def _hidden_stack(a: torch.Tensor, hidden: list, w_out: torch.Tensor, b_out: tor
     return out
 
 
+def _upper_quantile(a: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(a, q, dim=1)`` (linear interpolation) for q near 1, the same numbers: from the largest
+    values (``topk``) instead of a sort of the whole row, about 10x faster on calibration's samples."""
+    n = a.shape[1]
+    pos = q * (n - 1)
+    lo = int(pos)
+    if n < 2 or lo >= n - 1:
+        return torch.quantile(a, q, dim=1)
+    top = torch.topk(a, n - lo, dim=1, largest=True, sorted=True).values  # top[:, -1] is the lo-th smallest
+    return torch.lerp(top[:, -1], top[:, -2], torch.tensor(pos - lo, dtype=a.dtype))
+
+
 def _weight_limit(terms: int) -> int:
     """The integer weight bound of a layer summing ``terms`` products (module docstring)."""
     return min(INT_WEIGHT_MAX, (_INT32 - (256 << MAX_SHIFT)) // (256 * terms))
@@ -473,7 +485,7 @@ class ConvNet(nn.Module):
         weights fit the integer grid (``freeze``)."""
         exps = []
         for i, a in enumerate(activations):
-            q = torch.quantile(a.double(), CALIBRATION_QUANTILE, dim=1)
+            q = _upper_quantile(a.double(), CALIBRATION_QUANTILE)
             e = torch.ceil(torch.log2(q.clamp_min(2.0**-30) / ACT_LEVELS)).clamp_min(ACT_EXP_MIN)
             # the channel's weights in its own units (its inputs in theirs) must round below INT_WEIGHT_MAX
             # at a grid of at least 2**-1 (first layer: any size)
