@@ -169,6 +169,9 @@ class Result:
     skipped_images: dict[str, str] = field(default_factory=dict)
     others: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the models that coded other kinds
     paths: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PATHS, 0))  # how idfzip coded the pixels
+    _files: dict[int, tuple] = field(default_factory=dict, repr=False)  # image index -> (source, idfzip's bytes)
+    _keep: int = field(default=0, repr=False)  # how many images' files to keep in _files
+    jobs: tuple[int, int] = (1, 0)  # (images at once, torch threads of each job; 0: this process's)
 
     @property
     def process_images(self) -> list[dict]:
@@ -189,6 +192,8 @@ class Result:
             "other_models": {name: {"sha256": sha} for name, sha in self.others.items()},
             "effort": self.effort,
             "flow_only": self.flow_only,
+            "jobs": self.jobs[0],
+            "threads_per_job": self.jobs[1],
             "images": self.images,
             "total": {
                 "images": len(self.images),
@@ -237,10 +242,12 @@ class Result:
         for name, bpd, ratio, enc, dec, exact in self.rows():
             r = f"{ratio:7.3f}" if ratio is not None else f"{'-':>7}"
             lines.append(f"{LABELS[name]:<20} {bpd:7.3f} {r} {enc:9.3f} {dec:9.3f}  {'yes' if exact else 'NO'}")
+        j, t = self.jobs
+        jobs = f"{j} jobs of {t} thread{'s' * (t != 1)} (times per image in its job), " if j > 1 else ""
         lines.append(
             f"{len(self.images)} images, {self.subpixels:,} sub-pixels; model {self.model_name} "
             f"({self.model_sha256[:16]}){''.join(f', {n} ({h[:16]})' for n, h in self.others.items())}, "
-            f"effort {self.effort}{', flow only' if self.flow_only else ''}, "
+            f"effort {self.effort}{', flow only' if self.flow_only else ''}, {jobs}"
             f"NLL {self.nll_bits / max(1, self.subpixels):.4f} bpd"
         )
         p = self.paths
@@ -279,83 +286,126 @@ def run(
     process: int = 0,
     effort: int = codec.DEFAULT_EFFORT,
     flow_only: bool = False,
+    jobs: int = 1,
+    threads: int = 0,
 ) -> Result:
     """Benchmark ``sources`` (see :func:`idfzip.imagefile.find_images`) with ``model`` at ``effort`` and the
     baselines; the first ``process`` images also as whole CLI processes. ``progress`` gets each image's record
     once it is done (None for an image skipped). ``flow_only``: idfzip codes every tile by the model, never WebP
-    (a measure of the model, not of the product)."""
-    res = Result(model.name, model.sha256.hex(), effort, flow_only)
-    codecs = {}
+    (a measure of the model, not of the product). ``jobs`` > 1: that many images at once in worker processes of
+    ``threads`` torch threads each (their times are each image's own, in its job); the whole processes run
+    after them, one at a time."""
+    res = Result(model.name, model.sha256.hex(), effort, flow_only, _keep=process, jobs=(jobs, threads))
+    names = []
     for name in compare:
         fns, why = _probe(name)
         if fns is None:
             res.skipped[name] = why
         else:
-            codecs[name] = fns
+            names.append(name)
             res.baselines[name] = Totals()
-    for src in sources:
-        try:
-            im = bench_image(src.open())
-        except IdfzipError as e:
-            res.skipped_images[src.name] = str(e).removeprefix(src.name + ": ")
-            if progress:
-                progress(None)
-            continue
-        args = (im, model, None, device, None, effort, flow_only)
-        (data, stats), enc_s = _timed(codec.compress_with_stats, *args)
-        try:
-            back, dec_s = _timed(codec.decompress, data, model, device)
-            exact = same_image(back, im)
-        except IdfzipError:
-            dec_s, exact = 0.0, False
-        if stats.model_sha256 and stats.model_sha256 != model.sha256:  # grey images: the grey model
-            res.others[stats.method.removeprefix("flow:")] = stats.model_sha256.hex()
-        n = stats.subpixels
-        res.subpixels += n
-        nll = stats.nll_bits or 8.0 * len(data)  # an image without colour part has no model: its file is its code
-        res.nll_bits += nll
-        res.paths["flow_tiles"] += stats.tiles - stats.classical_tiles
-        res.paths["webp_tiles"] += stats.classical_tiles
-        res.paths["whole_images"] += not stats.tiles
-        o = res.ours
-        o.bytes += len(data)
-        o.encode_s += enc_s
-        o.decode_s += dec_s
-        o.exact &= exact
-        res.images.append(
-            {
-                "file": src.name,
-                "width": im.width,
-                "height": im.height,
-                "channels": len(im.getbands()),
-                "bytes": len(data),
-                "bpd": 8.0 * len(data) / n,
-                "nll_bpd": nll / n,
-                "tiles": stats.tiles,
-                "webp_tiles": stats.classical_tiles,
-                "encode_s": enc_s,
-                "decode_s": dec_s,
-                "exact": exact,
-            }
-        )
-        if len(res.images) <= process:
-            _whole_processes(res, im, data, model, device, effort, flow_only)
-        a = np.asarray(im)
-        theirs = res.images[-1]["baselines"] = {}
-        for name, (enc, dec) in codecs.items():
-            t = res.baselines[name]
-            blob, e_s = _timed(enc, a)
-            out, d_s = _timed(dec, blob)
-            same = _same(a, out)
-            t.bytes += len(blob)
-            t.encode_s += e_s
-            t.decode_s += d_s
-            t.exact &= same
-            theirs[name] = {"bytes": len(blob), "bpd": 8.0 * len(blob) / n, "encode_s": e_s, "decode_s": d_s}
-            theirs[name]["exact"] = same
-        if progress:
-            progress(res.images[-1])
+    sources = list(sources)
+    args = (model.path if jobs > 1 else model, names, device, effort, flow_only)
+    if jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        with cf.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_job_start, initargs=(threads,)
+        ) as pool:
+            for src, out in zip(sources, pool.map(_measure, sources, *[[a] * len(sources) for a in args])):
+                _add(res, src, out, progress)
+    else:
+        for src in sources:
+            _add(res, src, _measure(src, *args), progress)
+    for record in res.images[:process]:
+        _whole_processes(res, record, model, device, effort, flow_only)
     return res
+
+
+def _job_start(threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _measure(src: Source, model: Model | str, names: list[str], device: str, effort: int, flow_only: bool):
+    """One image: (its record, the sha256 of the model that coded it) or the reason it was skipped (str)."""
+    if isinstance(model, str):
+        from . import zoo
+
+        model = zoo.with_device(zoo.load(model), device)
+    try:
+        im = bench_image(src.open())
+    except IdfzipError as e:
+        return str(e).removeprefix(src.name + ": ")
+    (data, stats), enc_s = _timed(codec.compress_with_stats, im, model, None, device, None, effort, flow_only)
+    try:
+        back, dec_s = _timed(codec.decompress, data, model, device)
+        exact = same_image(back, im)
+    except IdfzipError:
+        dec_s, exact = 0.0, False
+    n = stats.subpixels
+    nll = stats.nll_bits or 8.0 * len(data)  # an image without colour part has no model: its file is its code
+    record = {
+        "file": src.name,
+        "width": im.width,
+        "height": im.height,
+        "channels": len(im.getbands()),
+        "bytes": len(data),
+        "bpd": 8.0 * len(data) / n,
+        "nll_bpd": nll / n,
+        "tiles": stats.tiles,
+        "webp_tiles": stats.classical_tiles,
+        "encode_s": enc_s,
+        "decode_s": dec_s,
+        "exact": exact,
+        "baselines": {},
+    }
+    a = np.asarray(im)
+    for name in names:
+        enc, dec = baseline(name)
+        blob, e_s = _timed(enc, a)
+        out, d_s = _timed(dec, blob)
+        record["baselines"][name] = {"bytes": len(blob), "bpd": 8.0 * len(blob) / n, "encode_s": e_s}
+        record["baselines"][name].update(decode_s=d_s, exact=_same(a, out))
+    other = stats.model_sha256 if stats.model_sha256 and stats.model_sha256 != model.sha256 else None
+    return record, (stats.method.removeprefix("flow:"), other, nll), data
+
+
+def _add(res: Result, src: Source, out, progress) -> None:
+    """Add one image's measurement (``_measure``) to ``res``."""
+    if isinstance(out, str):
+        res.skipped_images[src.name] = out
+        if progress:
+            progress(None)
+        return
+    record, (method, other, nll), data = out
+    if other:  # grey images: the grey model
+        res.others[method] = other.hex()
+    n = record["width"] * record["height"] * record["channels"]
+    res.subpixels += n
+    res.nll_bits += nll
+    res.paths["flow_tiles"] += record["tiles"] - record["webp_tiles"]
+    res.paths["webp_tiles"] += record["webp_tiles"]
+    res.paths["whole_images"] += not record["tiles"]
+    o = res.ours
+    o.bytes += record["bytes"]
+    o.encode_s += record["encode_s"]
+    o.decode_s += record["decode_s"]
+    o.exact &= record["exact"]
+    for name, b in record["baselines"].items():
+        t = res.baselines[name]
+        t.bytes += b["bytes"]
+        t.encode_s += b["encode_s"]
+        t.decode_s += b["decode_s"]
+        t.exact &= b["exact"]
+    res.images.append(record)
+    if len(res.images) <= res._keep:  # for the whole processes
+        res._files[len(res.images) - 1] = (src, data)
+    if progress:
+        progress(record)
 
 
 def saving_report(
@@ -403,12 +453,13 @@ def saving_report(
     return "\n".join(lines), figures
 
 
-def _whole_processes(
-    res: Result, im: Image.Image, data: bytes, model: Model, device: str, effort: int, flow_only: bool
-) -> None:
-    """Time ``idfzip compress`` and ``idfzip decompress`` of ``im`` as new processes (same model, device and
-    thread count) and check them against the in-process file ``data``; adds to the last image's record."""
+def _whole_processes(res: Result, record: dict, model: Model, device: str, effort: int, flow_only: bool) -> None:
+    """Time ``idfzip compress`` and ``idfzip decompress`` of the image of ``record`` as new processes (same
+    model, device and thread count) and check them against the in-process file; adds to ``record``."""
     import torch
+
+    src, data = res._files[res.images.index(record)]
+    im = bench_image(src.open())
 
     shared = ["--threads", str(torch.get_num_threads()), "--model", model.path, "--device", device, "-f"]
     with tempfile.TemporaryDirectory(prefix="idfzip-bench-") as d:
@@ -427,7 +478,7 @@ def _whole_processes(
     p.encode_s += times[0]
     p.decode_s += times[1]
     p.exact &= exact
-    res.images[-1].update(process_encode_s=times[0], process_decode_s=times[1], process_exact=exact)
+    record.update(process_encode_s=times[0], process_decode_s=times[1], process_exact=exact)
 
 
 def plot(res: Result, path: str) -> None:

@@ -933,11 +933,19 @@ class _TrainBar:
 @click.option(
     "--flow-only", is_flag=True, help="idfzip codes every tile with the model, never WebP (measures the model)."
 )
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Images measured at once, each job a process of cores/jobs threads (default: one job per core; "
+    "each image's times are then its own job's).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar: the table (and errors) only.")
 @click.option("-v", "--verbose", is_flag=True, help="Also a line per image as it is done.")
 @_shared("threads", "model", "device")
 @click.pass_context
-def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, flow_only, quiet, verbose):
+def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, flow_only, jobs, quiet, verbose):
     """Bits per sub-pixel and speed of idfzip beside classical codecs, on PATHS (folders, images, zips)."""
     import json
 
@@ -972,7 +980,9 @@ def bench(ctx, paths, compare, json_path, plot_path, limit, process, effort, flo
             )
 
     with bar:
-        res = bm.run(sources, model, names, ctx.obj["device"], progress, process, effort, flow_only)
+        jobs = min(jobs or _cores(), len(sources))
+        threads = ctx.obj.get("threads") or max(1, _cores() // jobs)
+        res = bm.run(sources, model, names, ctx.obj["device"], progress, process, effort, flow_only, jobs, threads)
     if not res.images:
         raise IdfzipError("no image could be benchmarked (" + "; ".join(res.skipped_images.values()) + ")")
     click.echo(res.table())

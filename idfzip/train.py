@@ -112,14 +112,17 @@ def auto_channels(sources: list[Source]) -> int:
     return 1 if sources and all(src.open().mode in GREY_MODES for src in sources) else 3
 
 
-def auto_holdout(n: int) -> int:
-    """Images held out for validation when training without a config: a tenth, 1 to 8."""
+def auto_holdout(n: int, pixels: int = 0) -> int:
+    """Images held out for validation when training without a config: a tenth, 1 to AUTO_MAX_VAL, or for
+    small images (``pixels`` each, the median) as many as make AUTO_VAL_PIXELS, but never over a tenth."""
     if n < 2:
         raise ValueError(f"need at least 2 images (one is held out for validation), found {n}")
-    return max(1, min(AUTO_MAX_VAL, round(n / 10)))
+    cap = max(AUTO_MAX_VAL, -(-AUTO_VAL_PIXELS // pixels)) if pixels > 0 else AUTO_MAX_VAL
+    return max(1, min(cap, round(n / 10)))
 
 
 AUTO_MAX_VAL = 8
+AUTO_VAL_PIXELS = 1 << 20  # validation pixels wanted, where the images are small (CIFAR-10: 1,024 images)
 AUTO_MINUTES = 20.0  # zero-config training's default time limit (docs/MODELS.md, "Train your own")
 AUTO_CROP = 128  # pixels per step: 8 crops of 128 x 128, or more smaller crops of small images
 AUTO = TrainConfig(
@@ -141,16 +144,18 @@ AUTO = TrainConfig(
 def auto_config(sources: list[Source]) -> tuple[IDFConfig, TrainConfig, Path]:
     """(model config, training config, model to start from) for fine-tuning without a config file: the
     shipped model for the images' kind (natural for colour, grey when all are greyscale), its architecture,
-    a tenth of the files (spread over the sorted list) held out, crops of up to 128 (smaller for small images:
+    a tenth of the files (spread over the sorted list; auto_holdout) held out, crops of up to 128 (smaller for small images:
     as many pixels per step), and the settings measured in docs/MODELS.md ("Train your own")."""
     channels = auto_channels(sources)
     start = registry.shipped(registry.default_model(channels))
     model = IDFConfig.from_dict(json.loads(registry.describe(start)["metadata"]["config"]))
     m = 1 << model.levels
-    sides = sorted(min(src.open().size) for src in sources)
-    crop = min(AUTO_CROP, max(m, sides[len(sides) // 2] // m * m)) if sides else AUTO_CROP
+    sizes = sorted((min(im.size), im.size[0] * im.size[1]) for im in (src.open() for src in sources))
+    side, pixels = sizes[len(sizes) // 2] if sizes else (AUTO_CROP, AUTO_CROP**2)
+    crop = min(AUTO_CROP, max(m, side // m * m))
     batch = min(128, AUTO.batch * (AUTO_CROP // crop) ** 2)
-    tc = dataclasses.replace(AUTO, crop=crop, batch=batch, val_images=auto_holdout(len(sources)), threads=0)
+    val = auto_holdout(len(sources), pixels)
+    tc = dataclasses.replace(AUTO, crop=crop, batch=batch, val_images=val, threads=0)
     return model, tc, start
 
 

@@ -181,3 +181,21 @@ def test_the_summary_says_which_path_coded_the_pixels(tiny, tmp_path):
     Image.fromarray(photo(96, 80)).save(tmp_path / "p.png")
     res = bench.run(find_images([tmp_path / "p.png"]), tiny, compare=(), flow_only=True)
     assert res.paths == {"flow_tiles": 1, "webp_tiles": 0, "whole_images": 0} and res.images[0]["tiles"] == 1
+
+
+def test_jobs_measure_the_same_files(tiny, images, tmp_path):
+    """-j 2: the images in two worker processes give the same bytes, records and order as -j 1."""
+    res = {}
+    for j in (1, 2):
+        out = tmp_path / f"r{j}.json"
+        args = ["bench", str(images), "--model", str(tiny.path), "--compare", "png", "--json", str(out)]
+        r = CliRunner().invoke(cli, [*args, "--process", "1", "-j", str(j)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        assert ("2 jobs of 1 thread" in r.output) == (j == 2)
+        res[j] = json.loads(out.read_text())
+    strip = ("encode_s", "decode_s", "process_encode_s", "process_decode_s", "baselines")
+    assert [{k: v for k, v in im.items() if k not in strip} for im in res[1]["images"]] == [
+        {k: v for k, v in im.items() if k not in strip} for im in res[2]["images"]
+    ]
+    assert res[1]["total"]["bytes"] == res[2]["total"]["bytes"] and res[2]["total"]["process"]["exact"]
+    assert res[2]["jobs"] == 2 and res[2]["threads_per_job"] == 1

@@ -279,6 +279,7 @@ def test_auto_config_picks_the_model_crop_and_holdout(tmp_path):
     assert start.stem == "natural" and model.channels == 3 and tc.val_images == 1 and tc.holdout == "spread"
     assert tc.minutes == AUTO.minutes and tc.patience > 0
     assert [auto_holdout(n) for n in (2, 14, 15, 30, 1000)] == [1, 1, 2, 3, 8]
+    assert auto_holdout(5000, 32 * 32) == 500 and auto_holdout(20000, 32 * 32) == 1024 and auto_holdout(30, 512**2) == 3
     with pytest.raises(ValueError, match="at least 2"):
         auto_holdout(1)
 
