@@ -62,8 +62,11 @@ Progress = Callable[[float], None] | None  # called with the pixels done since t
 EFFORTS = range(1, 10)
 DEFAULT_EFFORT = 5
 FEW_OFFSETS = 1 << 16  # pixels: an image this small is also coded without offsets (efforts 5-9), the smaller kept
-WEBP_QUICK = 4  # the WebP method every tile is also coded with (about 1 s per megapixel) ...
-WEBP_CLOSE = 1.1  # ... and at efforts 5-9 with method 6 too (4-8 s) where that comes within this factor of the flow
+WEBP_QUICK = (4, 50)  # the WebP (method, quality) every tile is also coded with ...
+WEBP_CLOSE = 1.1  # ... and at efforts 5-9 with method 6 too where that comes within this factor of the flow, at
+WEBP_FULL_QUALITY = 80  # this quality (Pillow's lossless default): on 12 tiles of 256 of photos and graphics
+# (examples/sample.png, the golden mixed and graphic, kodim05, kodim20) method 6 at quality 100 took 81 s for
+# 0.55% fewer bytes than at 80 (4.3 s), and method 4 at quality 50 1.8 s, 0.27% more than at 100 (6.2 s)
 WHOLE_WEBP_CLOSE = 0.9  # the whole image is also coded as WebP where the tiles' flow or WebP come within this
 # factor of their WebP (tiles coded apart: on four CLIC photos WebP of the whole was 2-6% larger than of its tiles)
 
@@ -81,7 +84,7 @@ class FitPlan:
     delta_steps: int = 0
     gain: int = adapt.MIN_GAIN  # the search's least saving per step (idfzip.adapt._pattern) ...
     coarse: int = adapt.COARSE_STEPS  # ... and its steps on half the sample (idfzip.adapt._search)
-    webp: int = 6  # the method also tried where the quick one comes close to the flow (WEBP_QUICK: none; 0: no WebP)
+    webp: int = 6  # the method also tried where the quick one comes close to the flow (WEBP_QUICK's: none; 0: no WebP)
 
 
 def fit_plan(effort: int) -> FitPlan:
@@ -98,11 +101,11 @@ def fit_plan(effort: int) -> FitPlan:
     if effort not in EFFORTS:
         raise IdfzipError(f"effort must be {EFFORTS.start}..{EFFORTS.stop - 1}")
     if effort == 1:
-        return FitPlan(0, webp=WEBP_QUICK)
+        return FitPlan(0, webp=WEBP_QUICK[0])
     if effort <= 3:
-        return FitPlan(adapt.FIT_SYMBOLS // 2, webp=WEBP_QUICK)
+        return FitPlan(adapt.FIT_SYMBOLS // 2, webp=WEBP_QUICK[0])
     if effort == 4:
-        return FitPlan(adapt.FIT_SYMBOLS, webp=WEBP_QUICK)
+        return FitPlan(adapt.FIT_SYMBOLS, webp=WEBP_QUICK[0])
     if effort <= 6:
         return FitPlan(adapt.FIT_SYMBOLS, 1 << 12, 8 if effort == 5 else 12)
     fine = {"gain": adapt.FINE_GAIN, "coarse": adapt.FINE_COARSE_STEPS}
@@ -410,10 +413,10 @@ def _classical_tile(pixels: np.ndarray, flow_bytes: int, plan: FitPlan) -> bytes
     """A tile's VP8L stream where it may be smaller than the flow's ``flow_bytes``: WebP's quick method decides
     whether its slowest (``plan.webp``) is worth trying."""
     im = colour_image(pixels)
-    quick = encode_vp8l(im, WEBP_QUICK)
-    if quick is None or len(quick) > WEBP_CLOSE * flow_bytes or plan.webp <= WEBP_QUICK:
+    quick = encode_vp8l(im, *WEBP_QUICK)
+    if quick is None or len(quick) > WEBP_CLOSE * flow_bytes or plan.webp <= WEBP_QUICK[0]:
         return quick
-    full = encode_vp8l(im, plan.webp)
+    full = encode_vp8l(im, plan.webp, WEBP_FULL_QUALITY)
     return full if full is not None and len(full) < len(quick) else quick
 
 
