@@ -458,40 +458,46 @@ def train(
     if init_from and not resume and not rank:  # the starting model is the one to beat (and exported if never beaten)
         best, stale = validate(0, None, best, stale)
     per = tc.batch // world
-    while step < tc.steps:
-        lr = tc.lr * min(1.0, (step + 1) / tc.warmup) * max(tc.decay ** max(0, step - tc.warmup), tc.min_lr / tc.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x = _crops(train_imgs, tc.batch, tc.crop, rng)[rank * per : (rank + 1) * per].to(device)
-        loss = net(x) / x.numel()  # DDP averages the gradients over the processes' equal slices
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
-        step += 1
-        if ema_state is not None:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    if v.is_floating_point():
-                        ema_state[k].lerp_(v, 1.0 - tc.ema)
-        lv = float(loss.detach())
-        running = lv if running is None else 0.98 * running + 0.02 * lv
-        done = bool(tc.minutes) and (time.time() - start) > tc.minutes * 60
-        if world > 1 and tc.minutes:
-            done = _all_true(done, device)
-        if progress:
-            progress(step, running, None)
-        if step % 50 == 0 and not progress:
-            log(f"step {step} lr {lr:.2e} train {running:.4f} bpd ({time.time() - start:.0f}s)")
-        if (step % tc.val_every == 0 or done or step == tc.steps) and not rank:
-            best, stale = validate(step, running, best, stale)
-            if tc.patience and stale >= tc.patience:
-                log(f"validation has not improved for {stale} checks: stopping")
-                done = True
-        if world > 1 and tc.patience and step % tc.val_every == 0:
-            done = _all_true(done, device)  # process 0's early stop
-        if done:
-            break
+    try:
+        while step < tc.steps:
+            lr = tc.lr * min(1.0, (step + 1) / tc.warmup) * max(tc.decay ** max(0, step - tc.warmup), tc.min_lr / tc.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = _crops(train_imgs, tc.batch, tc.crop, rng)[rank * per : (rank + 1) * per].to(device)
+            loss = net(x) / x.numel()  # DDP averages the gradients over the processes' equal slices
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            step += 1
+            if ema_state is not None:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        if v.is_floating_point():
+                            ema_state[k].lerp_(v, 1.0 - tc.ema)
+            lv = float(loss.detach())
+            running = lv if running is None else 0.98 * running + 0.02 * lv
+            done = bool(tc.minutes) and (time.time() - start) > tc.minutes * 60
+            if world > 1 and tc.minutes:
+                done = _all_true(done, device)
+            if progress:
+                progress(step, running, None)
+            if step % 50 == 0 and not progress:
+                log(f"step {step} lr {lr:.2e} train {running:.4f} bpd ({time.time() - start:.0f}s)")
+            if (step % tc.val_every == 0 or done or step == tc.steps) and not rank:
+                best, stale = validate(step, running, best, stale)
+                if tc.patience and stale >= tc.patience:
+                    log(f"validation has not improved for {stale} checks: stopping")
+                    done = True
+            if world > 1 and tc.patience and step % tc.val_every == 0:
+                done = _all_true(done, device)  # process 0's early stop
+            if done:
+                break
+    except KeyboardInterrupt:
+        if pending and not rank:  # Ctrl-C: the best model so far is written before the run ends
+            log("interrupted: writing the best model so far")
+            export()
+        raise
     export()
     if world > 1:
         import torch.distributed as dist

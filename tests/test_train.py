@@ -295,3 +295,23 @@ def test_early_stop_when_validation_stops_improving(tmp_path):
     assert r.exit_code == 0, r.output
     assert "has not improved for 2 checks: stopping" in r.output
     assert torch.load(str(out) + ".ckpt", weights_only=True)["step"] < 200
+
+
+def test_ctrl_c_writes_the_best_model_so_far(tmp_path, monkeypatch):
+    """Exports wait for EXPORT_PERIOD (calibration is costly); a run interrupted before then still writes its
+    best validated model."""
+    import idfzip.train as training
+
+    for i in range(3):
+        Image.fromarray(photo(40, 36, seed=i)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(training, "EXPORT_PERIOD", 1e9)
+    _, tc = load_config(write_config(tmp_path / "c.json", steps=50, val_every=1, ema=0.0))
+    out = tmp_path / "m.safetensors"
+
+    def stop(step, running, val):
+        if step == 3 and val is None:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(IDFConfig(**TINY), tc, [tmp_path], out, "m", log=lambda line: None, progress=stop)
+    assert int(load(str(out)).metadata["step"]) in (1, 2)
