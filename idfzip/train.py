@@ -123,7 +123,7 @@ def auto_holdout(n: int, pixels: int = 0) -> int:
 
 AUTO_MAX_VAL = 8
 AUTO_VAL_PIXELS = 1 << 20  # validation pixels wanted, where the images are small (CIFAR-10: 1,024 images)
-AUTO_MINUTES = 20.0  # zero-config training's default time limit (docs/MODELS.md, "Train your own")
+AUTO_MINUTES = 20.0  # zero-config training's default time limit (docs/MODELS.md, "What it gave")
 AUTO_CROP = 128  # pixels per step: 8 crops of 128 x 128, or more smaller crops of small images
 AUTO = TrainConfig(
     crop=AUTO_CROP,
@@ -144,8 +144,8 @@ AUTO = TrainConfig(
 def auto_config(sources: list[Source]) -> tuple[IDFConfig, TrainConfig, Path]:
     """(model config, training config, model to start from) for fine-tuning without a config file: the
     shipped model for the images' kind (natural for colour, grey when all are greyscale), its architecture,
-    a tenth of the files (spread over the sorted list; auto_holdout) held out, crops of up to 128 (smaller for small images:
-    as many pixels per step), and the settings measured in docs/MODELS.md ("Train your own")."""
+    a tenth of the files (spread over the sorted list; auto_holdout) held out, crops of up to 128 (smaller for
+    small images: as many pixels per step), and the settings measured in docs/MODELS.md ("Training your own")."""
     channels = auto_channels(sources)
     start = registry.shipped(registry.default_model(channels))
     model = IDFConfig.from_dict(json.loads(registry.describe(start)["metadata"]["config"]))

@@ -286,9 +286,13 @@ def test_a_resumed_run_reports_its_step_first(tmp_path):
         "m",
         resume=str(out) + ".ckpt",
         log=lambda line: None,
-        progress=lambda step, bpd: seen.append((step, bpd)),
+        progress=lambda step, bpd, val: seen.append((step, bpd, val)),
     )
-    assert seen[0] == (3, None) and [s for s, _ in seen[1:]] == [4, 5]  # a bar starts at the resumed step
+    assert seen[0] == (3, None, None) and [s for s, _, v in seen[1:] if v is None] == [
+        4,
+        5,
+    ]  # starts at the resumed step
+    assert [s for s, _, v in seen[1:] if v is not None] == [5]  # and hears of each validation
 
 
 def test_binary_output_never_goes_to_a_terminal(tiny, tmp_path):
