@@ -107,11 +107,6 @@ def split_holdout(images: list, n: int, how: str = "last") -> tuple[list, list]:
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def auto_channels(sources: list[Source]) -> int:
-    """1 when every image is greyscale (its mode: L, LA, 1-bit, 16-bit grey), else 3."""
-    return 1 if sources and all(src.open().mode in GREY_MODES for src in sources) else 3
-
-
 def auto_holdout(n: int, pixels: int = 0) -> int:
     """Images held out for validation when training without a config: a tenth, 1 to AUTO_MAX_VAL, or for
     small images (``pixels`` each, the median) as many as make AUTO_VAL_PIXELS, but never over a tenth."""
@@ -146,11 +141,12 @@ def auto_config(sources: list[Source]) -> tuple[IDFConfig, TrainConfig, Path]:
     shipped model for the images' kind (natural for colour, grey when all are greyscale), its architecture,
     a tenth of the files (spread over the sorted list; auto_holdout) held out, crops of up to 128 (smaller for
     small images: as many pixels per step), and the settings measured in docs/MODELS.md ("Training your own")."""
-    channels = auto_channels(sources)
+    heads = [(im.mode, im.size) for im in (src.open() for src in sources)]  # one look at each image's header
+    channels = 1 if heads and all(mode in GREY_MODES for mode, _ in heads) else 3  # 1: every image greyscale
     start = registry.shipped(registry.default_model(channels))
     model = IDFConfig.from_dict(json.loads(registry.describe(start)["metadata"]["config"]))
     m = 1 << model.levels
-    sizes = sorted((min(im.size), im.size[0] * im.size[1]) for im in (src.open() for src in sources))
+    sizes = sorted((min(size), size[0] * size[1]) for _, size in heads)
     side, pixels = sizes[len(sizes) // 2] if sizes else (AUTO_CROP, AUTO_CROP**2)
     crop = min(AUTO_CROP, max(m, side // m * m))
     batch = min(128, AUTO.batch * (AUTO_CROP // crop) ** 2)
