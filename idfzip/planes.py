@@ -24,7 +24,8 @@ import lzma
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
-from functools import lru_cache
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 
 import numpy as np
 from PIL import Image
@@ -291,6 +292,10 @@ def decode_vp8l(vp8l: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
     return rgba.getchannel("R") if mode == "L" else Image.merge("LA", (rgba.getchannel("R"), rgba.getchannel("A")))
 
 
+SIDE_BY_SIDE = 1 << 22  # pixels: a plane up to this size tries its codings in threads at once (larger: in turn,
+# so that a 24 MP plane holds one coding's memory at a time)
+
+
 def encode_rest(im: Image.Image, webp: bool = False) -> tuple[int, bytes]:
     """(method, bytes): the smallest exact coding of ``im`` among constant, PNG and LZMA, and with ``webp`` (format
     version 11 and later) lossless WebP."""
@@ -304,14 +309,19 @@ def encode_rest(im: Image.Image, webp: bool = False) -> tuple[int, bytes]:
     # tables (0.25 s for a 32x32 image); the reader's 64 MiB dictionary decodes any smaller one
     dict_size = min(1 << 26, max(1 << 12, 1 << (len(raw) - 1).bit_length()))
     filters = [{**_LZMA_FILTERS[0], "dict_size": dict_size}]
-    best = (REST_LZMA, lzma.compress(raw, format=lzma.FORMAT_RAW, filters=filters))
-    png = _png(im)
-    if png is not None and len(png) < len(best[1]):
-        best = (REST_PNG, png)
-    for method, quality in WEBP_WHOLE if webp else ():  # neither search always finds the smaller stream
-        vp8l = encode_vp8l(im, method, quality)
-        if vp8l is not None and len(vp8l) < len(best[1]):
-            best = (REST_WEBP, vp8l)
+    # the tries side by side up to SIDE_BY_SIDE pixels (LZMA, zlib and WebP release the GIL; Pillow's save sets
+    # attributes of the image it saves: each has its own copy), the first smallest kept; WebP's searches
+    # (WEBP_WHOLE) because neither always finds the smaller stream
+    tries = [(REST_LZMA, partial(lzma.compress, raw, format=lzma.FORMAT_RAW, filters=filters))]
+    tries += [(REST_PNG, lambda: _png(im.copy()))]
+    tries += [(REST_WEBP, lambda m=m, q=q: encode_vp8l(im.copy(), m, q)) for m, q in WEBP_WHOLE if webp]
+    with ThreadPoolExecutor(len(tries) if npix <= SIDE_BY_SIDE else 1, thread_name_prefix="idfzip-rest") as pool:
+        done = [(method, pool.submit(fn)) for method, fn in tries]
+        best = None
+        for method, f in done:
+            data = f.result()
+            if data is not None and (best is None or len(data) < len(best[1])):
+                best = (method, data)
     return best
 
 
