@@ -23,23 +23,15 @@ def _cdf_into(out, x0, dx, w, j, pack, interp):
     """out[e, s] = sum_k w[k, s] Phi(x0[k, s] + j[e, s'] dx[k, s]) (s' = s, or 0 where j has one column): as
     priors._cdf, Phi from the packed table (SIGF << 20 | SIGD) with the index clamped to the table."""
     K, n = x0.shape
-    last = pack.shape[0] - 1
-    mask = (1 << interp) - 1
     one = j.shape[1] == 1
-    for e in range(out.shape[0]):
-        for s in range(n):
-            jj = j[e, 0] if one else j[e, s]
-            acc = 0
-            for k in range(K):
-                x = jj * dx[k, s] + x0[k, s]
-                i = x >> interp
-                if i < 0:
-                    i = 0
-                elif i > last:
-                    i = last
-                v = pack[i]
-                acc += ((((v & 0xFFFFF) * (x & mask)) >> interp) + (v >> 20)) * w[k, s]
-            out[e, s] = acc
+    x0s = np.empty(K, dtype=np.int64)
+    dxs = np.empty(K, dtype=np.int64)
+    for s in range(n):
+        for k in range(K):
+            x0s[k] = x0[k, s]
+            dxs[k] = dx[k, s]
+        for e in range(out.shape[0]):
+            out[e, s] = _phi_sum(x0s, dxs, w, s, j[e, 0] if one else j[e, s], pack, interp)
 
 
 def _starts_of(x0, dx, means, scale_idx, inv_tab, s, lo, c):
