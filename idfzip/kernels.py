@@ -18,6 +18,8 @@ import threading
 
 import numpy as np
 
+from . import tables
+
 
 def _cdf_into(out, x0, dx, w, j, pack, interp):
     """out[e, s] = sum_k w[k, s] Phi(x0[k, s] + j[e, s'] dx[k, s]) (s' = s, or 0 where j has one column): as
@@ -139,13 +141,18 @@ def _inner_into(out, means, scale_idx, w, lo, bucket, inv_tab, pack, c):
 _I2 = "int64[:, ::1]"
 _CDF_SIGNATURE = f"void({_I2}, {_I2}, {_I2}, {_I2}, {_I2}, int64[::1], int64)"
 _TABLE_SIGNATURE = f"void(float32[:, ::1], {_I2}, {_I2}, {_I2}, int64[::1], {{}}, int64[::1], int64[::1], int64[::1])"
-_C = np.ascontiguousarray
+
+
+def _c(a: np.ndarray) -> np.ndarray:
+    """``a`` as C-contiguous int64 (a copy only where it is not already)."""
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 class Kernels:
-    """The compiled kernels, each for C-contiguous arrays only (one compiled version each, loaded from the cache).
-    ``consts``: PARAM_FRAC, X_FRAC, X_MAX, INTERP_BITS, WEIGHT_BITS + SIG_BITS, PROB_BITS, MAX_FREQ of
-    idfzip.priors, which passes them."""
+    """The compiled kernels, each for C-contiguous arrays only (one compiled version each, loaded from the cache),
+    with writable copies of the INV and SIGPACK tables (numba types read-only arrays apart). ``consts``:
+    PARAM_FRAC, X_FRAC, X_MAX, INTERP_BITS, WEIGHT_BITS + SIG_BITS, PROB_BITS, MAX_FREQ of idfzip.priors, which
+    passes them."""
 
     def __init__(self, numba) -> None:
         def jit(signature, fn):
@@ -159,38 +166,30 @@ class Kernels:
         self._cdf = jit(_CDF_SIGNATURE, _cdf_into)
         self._table = jit(_TABLE_SIGNATURE.format("int64"), _table_into)
         self._inner = jit(_TABLE_SIGNATURE.format("int64[::1]"), _inner_into)
-        self._own: dict[int, np.ndarray] = {}
+        t = tables.load()
+        self._inv, self._pack = t["INV"].copy(), t["SIGPACK"].copy()
 
-    def _writable(self, table: np.ndarray) -> np.ndarray:
-        """A writable copy of a (read-only) integer table, made once (numba types read-only arrays apart)."""
-        if id(table) not in self._own:
-            self._own[id(table)] = table.copy()
-        return self._own[id(table)]
-
-    def cdf(self, x0: np.ndarray, dx: np.ndarray, w: np.ndarray, j: np.ndarray, pack: np.ndarray, interp: int):
+    def cdf(self, x0: np.ndarray, dx: np.ndarray, w: np.ndarray, j: np.ndarray, interp: int) -> np.ndarray:
         """priors._cdf: (m, n) int64 for x0, dx, w (K, n) and edge indices j (m, 1) or (m, n)."""
-        j = np.array(j, dtype=np.int64, order="C")  # (a copy: writable)
         out = np.empty((j.shape[0], x0.shape[1]), dtype=np.int64)
-        self._cdf(out, _C(x0), _C(dx), np.array(w, order="C"), j, self._writable(pack), interp)
+        self._cdf(out, _c(x0), _c(dx), _c(w), _c(j), self._pack, interp)
         return out
 
-    def table(self, mix, lo: np.ndarray, e: int, stride: int, inv, pack, consts) -> np.ndarray:
+    def table(self, mix, lo: np.ndarray, e: int, stride: int, consts: np.ndarray) -> np.ndarray:
         """IntMixture.table of ``mix`` with windows starting at lo: (n, e + 1) float32."""
         out = np.empty((len(lo), e + 1), dtype=np.float32)
-        args = (self._writable(inv), self._writable(pack), consts)
-        self._table(out, *self._parts(mix), np.array(lo, dtype=np.int64, order="C"), stride, *args)
+        self._table(out, *self._parts(mix), _c(lo), stride, self._inv, self._pack, consts)
         return out
 
-    def inner(self, mix, lo: np.ndarray, stride: int, bucket: np.ndarray, inv, pack, consts) -> np.ndarray:
+    def inner(self, mix, lo: np.ndarray, stride: int, bucket: np.ndarray, consts: np.ndarray) -> np.ndarray:
         """IntMixture.inner_table of ``mix`` with windows starting at lo: (n, stride) float32."""
         out = np.empty((len(lo), stride), dtype=np.float32)
-        parts = (np.array(lo, dtype=np.int64, order="C"), np.array(bucket, dtype=np.int64, order="C"))
-        self._inner(out, *self._parts(mix), *parts, self._writable(inv), self._writable(pack), consts)
+        self._inner(out, *self._parts(mix), _c(lo), _c(bucket), self._inv, self._pack, consts)
         return out
 
     @staticmethod
     def _parts(mix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(np.array(a, dtype=np.int64, order="C") for a in (mix.means, mix.scale_idx, mix.weights))
+        return _c(mix.means), _c(mix.scale_idx), _c(mix.weights)
 
 
 LOAD_AFTER = 1 << 18  # pixels: numba is loaded once a process is to code this many through the flow

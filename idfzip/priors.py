@@ -424,8 +424,7 @@ class IntMixture:
         n, m = len(c), e + 1
         fast = kernels.loaded()
         if fast is not None:
-            t = tables.load()
-            return torch.from_numpy(fast.table(self, c - width // 2, e, stride, t["INV"], t["SIGPACK"], _CONSTS))
+            return torch.from_numpy(fast.table(self, c - width // 2, e, stride, _CONSTS))
         x0, dx = self._starts(c - width // 2)
         total = (1 << PROB_BITS) - m
         out = np.empty((n, m), dtype=np.float32)
@@ -495,8 +494,7 @@ class IntMixture:
         c = centre.numpy() if isinstance(centre, torch.Tensor) else centre
         fast = kernels.loaded()
         if fast is not None:
-            t = tables.load()
-            return torch.from_numpy(fast.inner(self, c - width // 2, stride, bucket, t["INV"], t["SIGPACK"], _CONSTS))
+            return torch.from_numpy(fast.inner(self, c - width // 2, stride, bucket, _CONSTS))
         x0, dx = self._starts(c - width // 2)
         d = _cdf(x0, dx, self.weights, bucket[None, :] * stride + np.arange(stride + 1)[:, None])
         d -= d[0]
@@ -619,10 +617,10 @@ def _cdf(x0: np.ndarray, dx: np.ndarray, w: np.ndarray, j: np.ndarray) -> np.nda
     is the standardised edge offset by 24 in units of 2**-24 (|x0 + j dx| < 2**49); SIGD is 0 at both ends,
     so the clamp saturates Phi at 0 and 2**24. Products stay below 2**17 * 2**18, weighted sums below
     2**15 * 2**24 * K."""
-    pack = tables.load()["SIGPACK"]
     fast = kernels.loaded()
     if fast is not None:
-        return fast.cdf(x0, dx, w, j, pack, INTERP_BITS)
+        return fast.cdf(x0, dx, w, j, INTERP_BITS)
+    pack = tables.load()["SIGPACK"]
     shape = (j.shape[0], x0.shape[1])
     out = np.zeros(shape, dtype=np.int64)
     x = np.empty(shape, dtype=np.int64)
