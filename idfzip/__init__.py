@@ -4,9 +4,10 @@
 >>> data = idfzip.compress(image)      # PIL image or numpy array -> .idfz bytes
 >>> idfzip.decompress(data)            # -> PIL image, pixel-identical
 
-Importing the package imports neither torch nor the codec: they load on first use of a name from
-idfzip.codec (module ``__getattr__``; ``inspect`` comes from idfzip.container and needs no torch), so
-``idfzip --help`` starts at once and the command line handles Ctrl-C while torch loads. ``decompress`` and
+Importing the package imports neither torch nor the codec: the codec loads on first use of a name from
+idfzip.codec (module ``__getattr__``; ``inspect`` comes from idfzip.container), and torch only once an
+image or a file needs the flow (idfzip.flowcode), so ``idfzip --help`` starts at once, a file stored
+classically decodes without torch, and the command line handles Ctrl-C while torch loads. ``decompress`` and
 ``inspect`` accept bytes-like data only; anything else is a CorruptFileError, never a TypeError (and never
 ``bytes(n)``, n zero bytes). Importing it registers the .idfz format with Pillow (``pillow_plugin``).
 """
@@ -36,7 +37,7 @@ __all__ = [
 # lazy names and the module each comes from (inspect: the container alone, no torch)
 _LAZY = {"compress": "codec", "compress_with_stats": "codec", "decompress": "codec", "inspect": "container"}
 # submodules an eager ``from .codec import ...`` used to bind as attributes (``idfzip.codec.x`` after import idfzip)
-_SUBMODULES = ("adapt", "codec", "coding", "container", "flows", "planes", "priors", "zoo")
+_SUBMODULES = ("adapt", "codec", "coding", "container", "flowcode", "flows", "planes", "priors", "zoo")
 
 
 def __getattr__(name: str):

@@ -27,7 +27,7 @@ from .container import MAGIC, REST_METHODS, Container, inspect
 from .errors import IdfzipError, ModelNotFoundError
 from .imagefile import IMAGE_SUFFIXES, MAX_INPUT_BYTES, decode_image, read_input
 
-DEFAULT_TILE, LARGE_TILE = 256, 1024  # = codec's, which needs torch to import; a test checks they agree
+DEFAULT_TILE, LARGE_TILE = 256, 1024  # = codec's (which imports numpy): a test checks they agree
 DEFAULT_EFFORT = 5  # = codec.DEFAULT_EFFORT, likewise
 PNG_MODES = {"1", "L", "LA", "P", "I;16", "RGB", "RGBA"}
 LOSSLESS_SUFFIXES = {
@@ -381,8 +381,7 @@ def _job_start(threads: int) -> None:
     Ctrl-C is the parent's to handle, SIGTERM unwinds."""
     import signal
 
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
+    _torch_threads(threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _job_stop)
 
@@ -399,12 +398,20 @@ def _job(fn, src: Path, dst: Path | None) -> tuple[bool, str, str]:
     return bad, out.getvalue(), err.getvalue()
 
 
+def _torch_threads(threads: int) -> None:
+    """torch's thread count: set now if torch is loaded, else where it will look when it loads (a file stored
+    classically is decoded without loading torch at all)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
 def _set_threads(ctx, _param, threads: int | None) -> None:
     if threads:
-        import torch
-
         ctx.find_root().ensure_object(dict)["threads"] = threads
-        torch.set_num_threads(threads)
+        _torch_threads(threads)
 
 
 def _set_obj(ctx, param, value) -> None:

@@ -78,6 +78,14 @@ REST_CONSTANT, REST_PNG, REST_LZMA, REST_WEBP = 0, 1, 2, 3  # WebP (a bare VP8L 
 REST_METHODS = {REST_CONSTANT: "constant", REST_PNG: "png", REST_LZMA: "lzma", REST_WEBP: "webp"}
 
 
+def boxes(width: int, height: int, tile: int):
+    """The tiles of a width x height image on a grid of ``tile``-sided squares, in file order (row-major):
+    (x, y, w, h) each."""
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            yield x, y, min(tile, width - x), min(tile, height - y)
+
+
 def write_varint(n: int) -> bytes:
     if n < 0:
         raise ValueError("varint must be non-negative")

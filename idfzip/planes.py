@@ -217,7 +217,7 @@ WEBP_MODES = ("L", "LA", "RGB", "RGBA")  # what a VP8L stream holds exactly (L a
 WEBP_MAX_SIDE = 1 << 14  # VP8L stores width - 1 and height - 1 in 14 bits
 VP8L_SIGNATURE = 0x2F
 WEBP_WHOLE = ((4, 50), (4, 100), (6, 80))  # the (method, quality) tried for a whole image: 4 and 50 is the
-# encoder's quick try of each tile (codec.WEBP_QUICK, so the whole never loses to a tile of it); 6 and 80 is Pillow's
+# encoder's quick try of each tile (flowcode.WEBP_QUICK, so the whole never loses to a tile of it); 6 and 80 is Pillow's
 # lossless=True, method=6, whose file a VP8L stream without its 20 bytes of RIFF wrapper never exceeds (6 and
 # 100 took 10 s on examples/sample.png, 12x (4, 100)'s time, for the same bytes)
 

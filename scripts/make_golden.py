@@ -21,7 +21,7 @@ from PIL import Image
 
 import idfzip
 from idfzip import adapt
-from idfzip.codec import schedule
+from idfzip.flowcode import schedule
 from idfzip.zoo import load_shipped
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden"

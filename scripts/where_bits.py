@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from idfzip import codec, zoo
+from idfzip import codec, flowcode, zoo
 from idfzip.coding import Encoder
 from idfzip.container import FLOW_VERSION, split_windows
 
@@ -36,12 +36,12 @@ def tiles_by_activity(a: np.ndarray, side: int) -> list[tuple[float, int, int]]:
 def bits_per_slot(model, pixels: np.ndarray, effort: int) -> dict[str, float]:
     """The exact code length in bits of each level's slots ("L0s1") and of the top ("L5") of one tile, coded as
     the encoder codes it at ``effort`` (its adaptation fitted, without its block's bytes)."""
-    flow, plan = model.flow, codec.fit_plan(effort)
+    flow, plan = model.flow, flowcode.fit_plan(effort)
     H, W = (-(-n // flow.multiple) * flow.multiple for n in pixels.shape[:2])
-    tile = codec._Tile(flow, H, W, "cpu", FLOW_VERSION, {}, {}, False)
+    tile = flowcode._Tile(flow, H, W, "cpu", FLOW_VERSION, {}, {}, False)
     tile.encode(pixels)
     enc, fitted, out = Encoder(split=split_windows(FLOW_VERSION)), set(), {}
-    for seg in reversed(codec.schedule(flow)):
+    for seg in reversed(flowcode.schedule(flow)):
         top = seg.level == flow.config.levels
         if plan.symbols and not top and (seg.level, seg.slot) not in fitted:
             fitted.add((seg.level, seg.slot))

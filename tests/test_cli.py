@@ -15,9 +15,11 @@ from click.testing import CliRunner
 from conftest import SHARED, assert_same, photo
 from PIL import Image
 
+import idfzip
 from idfzip import registry
 from idfzip.cli import cli
 from idfzip.imagefile import MAX_INPUT_BYTES
+from idfzip.planes import same_image
 
 
 @pytest.fixture()
@@ -329,17 +331,36 @@ def test_ctrl_c_while_torch_loads_is_one_line_and_status_130(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["a.png"]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--version"], ["models"], ["info", "GOLDEN"]])
-def test_quick_commands_do_not_import_torch(args):
-    """--help, --version, models and info answer without torch (1.5 s of start-up)."""
-    args = [str(Path(__file__).parent / "golden" / "rgb.idfz") if a == "GOLDEN" else a for a in args]
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["models"],
+        ["info", "GOLDEN"],
+        ["--threads", "1", "decompress", "-o", "OUT.png", "CLASSICAL"],
+        ["compress", "-o", "OUT.idfz", "FLAT"],
+    ],
+)
+def test_quick_commands_do_not_import_torch(args, tmp_path):
+    """--help, --version, models and info answer without torch (1.5 s of start-up), and so do a file stored
+    classically (golden/graphic.idfz: whole WebP) and an image of one colour (never given to the flow)."""
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(tmp_path / "flat.png")
+    golden = Path(__file__).parent / "golden"
+    names = {"GOLDEN": golden / "rgb.idfz", "CLASSICAL": golden / "graphic.idfz", "FLAT": tmp_path / "flat.png"}
+    given = [str(names.get(a, tmp_path / a if a.startswith("OUT") else a)) for a in args]
     code = (
         "import sys, idfzip.cli as c\nsys.argv = ['idfzip', *sys.argv[1:]]\ntry:\n    c.main()\n"
         "except SystemExit:\n    pass\nprint('torch' in sys.modules)"
     )
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, *given], capture_output=True, text=True)
     lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) > 1 and lines[-1] == "False", (r.stdout, r.stderr)
+    said = len(lines) > 1 or "->" in r.stderr  # help, lists and info on stdout; compress and decompress on stderr
+    assert r.returncode == 0 and said and lines[-1] == "False", (r.stdout, r.stderr)
+    if "CLASSICAL" in args:
+        assert same_image(Image.open(tmp_path / "OUT.png"), Image.open(golden / "graphic.png"))
+    if "FLAT" in args:
+        assert idfzip.decompress((tmp_path / "OUT.idfz").read_bytes()).tobytes() == Image.open(names["FLAT"]).tobytes()
     from idfzip import cli as cli_module
     from idfzip import codec, compress
 

@@ -9,7 +9,7 @@ from conftest import make_model, photo, roundtrip
 from PIL import Image
 
 import idfzip
-from idfzip import adapt, codec
+from idfzip import adapt, codec, flowcode, zoo
 from idfzip.container import Container
 from idfzip.errors import CorruptFileError, IdfzipError, ModelMismatchError, ModelNotFoundError
 
@@ -114,8 +114,8 @@ def test_grey_images_go_through_a_one_channel_model(tiny, tmp_path):
     3-channel model was given, which RGB images keep), and decode exactly; a decoder given a model of the
     other kind uses the file's."""
     path = tmp_path / "mygrey.safetensors"  # the shipped weights under another name: a user's model
-    path.write_bytes(Path(codec.load("grey").path).read_bytes())
-    mine = codec.load(str(path))
+    path.write_bytes(Path(zoo.load("grey").path).read_bytes())
+    mine = zoo.load(str(path))
     grey = Image.open(SAMPLE).convert("L").crop((0, 0, 192, 128))  # a photo: the flow beats PNG and LZMA
     la = grey.copy()
     la.putalpha(Image.linear_gradient("L").resize(grey.size))
@@ -127,7 +127,7 @@ def test_grey_images_go_through_a_one_channel_model(tiny, tmp_path):
         with pytest.raises(ModelNotFoundError, match="mygrey"):
             idfzip.decompress(data, tiny)  # a model of the other kind: the file's, which is not shipped
     data, stats = codec.compress_with_stats(la, tiny, flow_only=True)
-    shipped = codec.load("grey")
+    shipped = zoo.load("grey")
     assert stats.method == "flow:grey" and stats.model_sha256 == shipped.sha256
     roundtrip(la, tiny)
     rgb = Image.fromarray(photo(96, 80, seed=5))
@@ -280,13 +280,13 @@ def test_a_model_never_calibrated_writes_version_4(tmp_path, monkeypatch):
     c = Container.from_bytes(roundtrip(im, raw))
     assert c.tiles and c.version == 4
     # version 4 has only the 4-number adaptation: the higher efforts fit just that, with their finer search
-    fine = codec.FitPlan(adapt.FIT_SYMBOLS, gain=adapt.FINE_GAIN, coarse=adapt.FINE_COARSE_STEPS)
+    fine = flowcode.FitPlan(adapt.FIT_SYMBOLS, gain=adapt.FINE_GAIN, coarse=adapt.FINE_COARSE_STEPS)
     for effort in (7, 8):
         data = idfzip.compress(im, raw, effort=effort)
         assert Container.from_bytes(data).version == 4
         assert idfzip.decompress(data, raw).tobytes() == im.tobytes()
         with monkeypatch.context() as m:
-            m.setattr(codec, "fit_plan", lambda effort: fine)
+            m.setattr(flowcode, "fit_plan", lambda effort: fine)
             assert idfzip.compress(im, raw) == data
 
 

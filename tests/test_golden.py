@@ -40,7 +40,7 @@ def test_golden_files_decode_and_are_reproduced(name):
     data = (GOLDEN / f"{name}.idfz").read_bytes()
     c = Container.from_bytes(data)
     # tiled's 32-pixel tiles are too small to adapt; la's offsets would not pay for their bytes (so the encoder
-    # keeps its file without them, codec.FEW_OFFSETS)
+    # keeps its file without them, flowcode.FEW_OFFSETS)
     assert c.version == {"tiled": 8, "la": 8, "rgb_e8": 10, "mixed": 12, "graphic": 11}.get(name, 9)
     assert bool(c.tiles) != (name == "graphic") and any(c.classical) == (name == "mixed")
     assert idfzip.decompress(data).tobytes() == source.tobytes()

@@ -4,7 +4,8 @@ import numpy as np
 from conftest import photo
 from where_bits import bits_per_slot, tiles_by_activity  # scripts/, on the path through conftest
 
-from idfzip import codec
+from idfzip import flowcode
+from idfzip.container import FLOW_VERSION
 
 
 def test_per_slot_bits_add_up_to_the_encoders(tiny):
@@ -12,7 +13,7 @@ def test_per_slot_bits_add_up_to_the_encoders(tiny):
     per = bits_per_slot(tiny, px, 1)
     levels = tiny.flow.config.levels
     assert set(per) == {f"L{lv}s{j}" for lv in range(levels) for j in range(3)} | {f"L{levels}"}
-    whole = codec._encode_tile(tiny, px, "cpu", codec.FLOW_VERSION, codec.fit_plan(1))[3]
+    whole = flowcode.encode_tile(tiny, px, "cpu", FLOW_VERSION, flowcode.fit_plan(1))[3]
     assert abs(sum(per.values()) - whole) < 1e-6 * whole
     flat = np.zeros((64, 128, 3), np.uint8)
     flat[:, 64:] = px
