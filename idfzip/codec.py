@@ -167,6 +167,7 @@ def _compress(
         if c.version == 4:  # whose adaptation blocks hold the 4-number adaptation only (the same search)
             plan = replace(plan, offsets=0, steps=0, delta=0, delta_steps=0)
         coded = fc.encode_colour(mdl, colour, c.tile_side, device, c.version, plan, progress)
+        colour = None  # (its pixels, 72 MB of a 24 MP photo, are free for the whole image's tries)
         c.tiles, c.classical, c.adapted, c.version = coded.tiles, coded.classical, coded.adapted, coded.version
         stats.nll_bits, stats.tiles, stats.classical_tiles = coded.bits, len(c.tiles), sum(c.classical)
         stats.flow_bytes = sum(len(t) for t in c.flow_tiles)

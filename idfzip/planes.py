@@ -152,9 +152,12 @@ def signature(im: Image.Image, meta: bytes) -> int:
 
 
 def same_image(a: Image.Image, b: Image.Image) -> bool:
-    if a.mode != b.mode or a.size != b.size or encode_meta(a) != encode_meta(b):
-        return False
-    return all(x == y for x, y in zip(_strips(a), _strips(b)))
+    return encode_meta(a) == encode_meta(b) and _same_pixels(a, b)
+
+
+def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    """The same mode, size and pixels, compared strip by strip (no copy of either image)."""
+    return a.mode == b.mode and a.size == b.size and all(x == y for x, y in zip(_strips(a), _strips(b)))
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -205,7 +208,7 @@ def _png(im: Image.Image) -> bytes | None:
         im.save(buf, format="PNG", optimize=True)
         with Image.open(io.BytesIO(buf.getvalue())) as back:
             back.load()
-            if back.mode != im.mode or back.size != im.size or back.tobytes() != im.tobytes():
+            if not _same_pixels(back, im):
                 return None
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
@@ -266,10 +269,19 @@ def encode_vp8l(im: Image.Image, method: int = 6, quality: int = 100) -> bytes |
     if data[:4] != b"RIFF" or data[8:16] != b"WEBPVP8L" or _riff(vp8l) != data:
         return None  # an extended file (VP8X), which Pillow writes for metadata: not what is stored
     try:
-        back = decode_vp8l(vp8l, im.mode, im.size)
-    except CorruptFileError:
+        return vp8l if _decodes_to(vp8l, im) else None
+    except (CorruptFileError, OSError, ValueError, SyntaxError, EOFError):
         return None
-    return vp8l if back.tobytes() == im.tobytes() else None
+
+
+def _decodes_to(vp8l: bytes, im: Image.Image) -> bool:
+    """Whether a VP8L stream holds ``im``'s pixels: compared as decoded where that is ``im``'s mode (RGB, RGBA),
+    strip by strip (no copy of a 24 MP image), else through ``decode_vp8l``."""
+    with Image.open(io.BytesIO(_riff(vp8l)), formats=["WEBP"]) as webp:
+        webp.load()
+        if webp.mode == im.mode:
+            return _same_pixels(webp, im)
+    return _same_pixels(decode_vp8l(vp8l, im.mode, im.size), im)
 
 
 def decode_vp8l(vp8l: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
@@ -294,28 +306,34 @@ def decode_vp8l(vp8l: bytes, mode: str, size: tuple[int, int]) -> Image.Image:
 
 SIDE_BY_SIDE = 1 << 22  # pixels: a plane up to this size tries its codings in threads at once (larger: in turn,
 # so that a 24 MP plane holds one coding's memory at a time)
+LZMA_MAX_DICT = 1 << 24  # bytes: LZMA's dictionary for the largest planes (preset 9's match finder grows with it:
+# a 24 MP RGB plane of CLIC 2025 photos took 773 MiB more than before with 64 MiB, 313 MiB with 16 MiB, for
+# 30,858,662 and 30,880,390 bytes; only data with repeats more than 16 MiB apart, as a mosaic of the same photos, loses)
 
 
 def encode_rest(im: Image.Image, webp: bool = False) -> tuple[int, bytes]:
     """(method, bytes): the smallest exact coding of ``im`` among constant, PNG and LZMA, and with ``webp`` (format
     version 11 and later) lossless WebP."""
-    raw = im.tobytes()
     npix = im.width * im.height
-    if im.mode != "1" and npix and len(raw) % npix == 0:
-        bpp = len(raw) // npix
-        if raw == raw[:bpp] * npix:
-            return REST_CONSTANT, raw[:bpp]
+    size = _row_bytes(im.mode, im.width) * im.height
+    if im.mode != "1" and npix and size % npix == 0:
+        first = next(_strips(im))[: size // npix]
+        if all(strip == first * (len(strip) // len(first)) for strip in _strips(im)):
+            return REST_CONSTANT, first
     # a dictionary no larger than the data compresses the same, without preset 9's 674 MiB of match-finder
     # tables (0.25 s for a 32x32 image); the reader's 64 MiB dictionary decodes any smaller one
-    dict_size = min(1 << 26, max(1 << 12, 1 << (len(raw) - 1).bit_length()))
+    dict_size = min(LZMA_MAX_DICT, max(1 << 12, 1 << (size - 1).bit_length()))
     filters = [{**_LZMA_FILTERS[0], "dict_size": dict_size}]
     # the tries side by side up to SIDE_BY_SIDE pixels (LZMA, zlib and WebP release the GIL; Pillow's save sets
-    # attributes of the image it saves: each has its own copy), the first smallest kept; WebP's searches
-    # (WEBP_WHOLE) because neither always finds the smaller stream
-    tries = [(REST_LZMA, partial(lzma.compress, raw, format=lzma.FORMAT_RAW, filters=filters))]
-    tries += [(REST_PNG, lambda: _png(im.copy()))]
-    tries += [(REST_WEBP, lambda m=m, q=q: encode_vp8l(im.copy(), m, q)) for m, q in WEBP_WHOLE if webp]
-    with ThreadPoolExecutor(len(tries) if npix <= SIDE_BY_SIDE else 1, thread_name_prefix="idfzip-rest") as pool:
+    # attributes of the image it saves: each has its own copy; larger planes, in turn, share it), the first
+    # smallest kept; WebP's searches (WEBP_WHOLE) because neither always finds the smaller stream. LZMA reads
+    # the image strip by strip (its stream is the same as from the whole bytes at once, with no copy of them)
+    apart = npix <= SIDE_BY_SIDE
+    own = im.copy if apart else lambda: im
+    tries = [(REST_LZMA, partial(_lzma, im, filters))]
+    tries += [(REST_PNG, lambda: _png(own()))]
+    tries += [(REST_WEBP, lambda m=m, q=q: encode_vp8l(own(), m, q)) for m, q in WEBP_WHOLE if webp]
+    with ThreadPoolExecutor(len(tries) if apart else 1, thread_name_prefix="idfzip-rest") as pool:
         done = [(method, pool.submit(fn)) for method, fn in tries]
         best = None
         for method, f in done:
@@ -323,6 +341,12 @@ def encode_rest(im: Image.Image, webp: bool = False) -> tuple[int, bytes]:
             if data is not None and (best is None or len(data) < len(best[1])):
                 best = (method, data)
     return best
+
+
+def _lzma(im: Image.Image, filters: list) -> bytes:
+    """Raw LZMA of ``im.tobytes()``, fed strip by strip."""
+    enc = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=filters)
+    return b"".join([*(enc.compress(strip) for strip in _strips(im)), enc.flush()])
 
 
 def _row_bytes(mode: str, width: int) -> int:

@@ -111,6 +111,23 @@ def test_strips_give_what_whole_images_give(monkeypatch, strip_bytes):
     assert not planes.same_image(other, im) and planes.same_image(im, im.copy())
 
 
+def test_large_planes_try_their_codings_in_turn_with_a_bounded_dictionary(monkeypatch):
+    """Above SIDE_BY_SIDE pixels the tries run one at a time on the image itself, and give the coding the
+    side-by-side tries give; LZMA's dictionary is at most LZMA_MAX_DICT (repeats farther apart are not found),
+    and the plane decodes exactly either way."""
+    noise = np.random.default_rng(7).integers(0, 256, (64, 384, 3), dtype=np.uint8)  # 72 KiB of noise ...
+    im = Image.fromarray(np.concatenate([noise, noise]))  # ... twice: a repeat 72 KiB back
+    apart = [planes.encode_rest(im, webp) for webp in (False, True)]  # (LZMA and PNG; and WebP)
+    monkeypatch.setattr(planes, "SIDE_BY_SIDE", 0)
+    near = planes.encode_rest(im)
+    assert [near, planes.encode_rest(im, True)] == apart and near[0] == REST_LZMA and len(near[1]) < 80_000
+    monkeypatch.setattr(planes, "LZMA_MAX_DICT", 1 << 16)  # 64 KiB: the repeat is out of its reach
+    far = planes.encode_rest(im)
+    assert far[0] == REST_LZMA and len(far[1]) > 140_000
+    for method, data in (near, far, apart[1]):
+        assert planes.decode_rest(method, data, "RGB", im.size).tobytes() == im.tobytes()
+
+
 @pytest.mark.parametrize("strip_bytes", [1, 1 << 24])
 def test_mode_1_constant_pattern_across_rows_and_palette_merge(monkeypatch, strip_bytes):
     monkeypatch.setattr(planes, "_STRIP_BYTES", strip_bytes)
