@@ -1,8 +1,8 @@
 """The colour part through the flow, tile by tile: each tile's latents, its segments' mixtures and its
 entropy-coded stream (encode_tile, decode_tile), the encoder's fitting plan per effort, WebP's tries beside
-the flow (encode_colour) and the models a part needs. This is where torch is imported: idfzip.codec imports
-this module only for an image or a file that needs the flow, so a file whose every tile is classical decodes
-without loading torch.
+the flow (encode_colour) and the models a part needs. It imports torch (itself and through adapt, coding,
+priors and zoo); idfzip.codec imports it only for an image or a file that needs the flow, so a file whose every
+tile is classical decodes without loading torch.
 
 Invariant: tiles are coded independently (batch of one, the same tensor shapes when encoding and decoding),
 each padded by edge replication to a multiple of 2**levels; a segment's mixture depends only on the segments
