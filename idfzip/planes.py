@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
+from itertools import chain
 
 import numpy as np
 from PIL import Image
@@ -276,11 +277,13 @@ def encode_vp8l(im: Image.Image, method: int = 6, quality: int = 100) -> bytes |
 
 def _decodes_to(vp8l: bytes, im: Image.Image) -> bool:
     """Whether a VP8L stream holds ``im``'s pixels: compared as decoded where that is ``im``'s mode (RGB, RGBA),
-    strip by strip (no copy of a 24 MP image), else through ``decode_vp8l``."""
-    with Image.open(io.BytesIO(_riff(vp8l)), formats=["WEBP"]) as webp:
-        webp.load()
-        if webp.mode == im.mode:
-            return _same_pixels(webp, im)
+    strip by strip (no copy of a 24 MP image), else through ``decode_vp8l`` (WebP decodes to RGB or RGBA only:
+    L and LA go there at once)."""
+    if im.mode in ("RGB", "RGBA"):
+        with Image.open(io.BytesIO(_riff(vp8l)), formats=["WEBP"]) as webp:
+            webp.load()
+            if webp.mode == im.mode:
+                return _same_pixels(webp, im)
     return _same_pixels(decode_vp8l(vp8l, im.mode, im.size), im)
 
 
@@ -317,8 +320,10 @@ def encode_rest(im: Image.Image, webp: bool = False) -> tuple[int, bytes]:
     npix = im.width * im.height
     size = _row_bytes(im.mode, im.width) * im.height
     if im.mode != "1" and npix and size % npix == 0:
-        first = next(_strips(im))[: size // npix]
-        if all(strip == first * (len(strip) // len(first)) for strip in _strips(im)):
+        strips = _strips(im)
+        top = next(strips)
+        first = top[: size // npix]
+        if all(strip == first * (len(strip) // len(first)) for strip in chain([top], strips)):
             return REST_CONSTANT, first
     # a dictionary no larger than the data compresses the same, without preset 9's 674 MiB of match-finder
     # tables (0.25 s for a 32x32 image); the reader's 64 MiB dictionary decodes any smaller one
